@@ -1,0 +1,149 @@
+"""Parity harness: greedy decoding with transformers and with vLLM + this plugin.
+
+vLLM runs in the test process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and the ``uni``
+executor, set in ``conftest.py``): the same engine, scheduler and model runner users get,
+without paying three interpreter start-ups per checkpoint. Runs that need several processes
+(tensor parallelism, the compiled default mode, the server) start their own.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+#: the bar of the issues: identical greedy tokens and top-5 logprobs within this
+LOGPROB_ATOL = 1e-3
+
+
+@dataclass
+class Greedy:
+    """One greedy continuation: generated ids and, per step, the top-5 logprobs."""
+
+    tokens: list[int]
+    top5: list[dict[int, float]] = field(default_factory=list)
+
+
+def prompts_for(vocab_size: int, lengths: Sequence[int], seed: int = 0, low: int = 32) -> list[list[int]]:
+    """Random prompts of the given lengths from the non-special part of the vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(low, vocab_size, (n,), generator=gen).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def hf_greedy(
+    model_dir: str | Path,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 32,
+    dtype: torch.dtype = torch.float32,
+    model_cls=None,
+) -> list[Greedy]:
+    """Greedy decoding with transformers' model class for the checkpoint (KV cache on)."""
+    from transformers import AutoModelForCausalLM
+
+    model = (model_cls or AutoModelForCausalLM).from_pretrained(str(model_dir), dtype=dtype)
+    model.eval()
+    results = []
+    for prompt in prompts:
+        ids = torch.tensor([list(prompt)])
+        out = model(input_ids=ids, use_cache=True)
+        greedy = Greedy(tokens=[])
+        for step in range(max_new_tokens):
+            logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            top = torch.topk(logprobs, 5)
+            greedy.top5.append(dict(zip(top.indices.tolist(), top.values.tolist())))
+            token = int(top.indices[0])
+            greedy.tokens.append(token)
+            if step + 1 < max_new_tokens:
+                out = model(
+                    input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True
+                )
+        results.append(greedy)
+    del model
+    gc.collect()
+    return results
+
+
+def vllm_greedy(
+    model_dir: str | Path,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 32,
+    dtype: str = "float32",
+    **llm_kwargs,
+) -> list[Greedy]:
+    """Greedy decoding with vLLM's offline ``LLM`` on this plugin; all prompts in one batch."""
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(
+        model=str(model_dir),
+        dtype=dtype,
+        enforce_eager=True,
+        max_model_len=1024,
+        max_num_seqs=16,
+        seed=0,
+        distributed_executor_backend="uni",
+    )
+    kwargs.update(llm_kwargs)
+    llm = LLM(**kwargs)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, logprobs=5, ignore_eos=True)
+        outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+    finally:
+        shutdown(llm)
+    results = []
+    for output in outputs:
+        completion = output.outputs[0]
+        top5 = []
+        for step in completion.logprobs:
+            ranked = sorted(step.items(), key=lambda kv: kv[1].rank)[:5]
+            top5.append({tok: lp.logprob for tok, lp in ranked})
+        results.append(Greedy(tokens=list(completion.token_ids), top5=top5))
+    return results
+
+
+def shutdown(llm) -> None:
+    """Tear an in-process engine down so the next ``LLM`` can start in this process."""
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    engine = getattr(llm, "llm_engine", None)
+    if engine is not None and hasattr(engine, "engine_core"):
+        engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
+
+
+def max_logprob_gap(expected: Greedy, actual: Greedy) -> float:
+    """Largest |difference| between the two sides' logprobs of the tokens both rank top-5."""
+    gap = 0.0
+    for want, got in zip(expected.top5, actual.top5):
+        for token in want.keys() & got.keys():
+            gap = max(gap, abs(want[token] - got[token]))
+    return gap
+
+
+def assert_parity(
+    expected: Sequence[Greedy], actual: Sequence[Greedy], atol: float = LOGPROB_ATOL, min_tokens: int = 32
+) -> float:
+    """Identical greedy tokens, the same top-5 sets (up to a near-tie at rank 5), and the
+    top-5 logprobs within ``atol``. Returns the largest gap seen."""
+    worst = 0.0
+    for i, (want, got) in enumerate(zip(expected, actual, strict=True)):
+        assert len(want.tokens) >= min_tokens and want.tokens == got.tokens, (
+            f"prompt {i}: greedy tokens differ\n transformers: {want.tokens}\n vllm:         {got.tokens}"
+        )
+        for step, (w, g) in enumerate(zip(want.top5, got.top5)):
+            for token in w.keys() ^ g.keys():  # only a near-tie at the edge may swap places
+                side = w if token in w else g
+                assert side[token] - min(side.values()) <= atol, (
+                    f"prompt {i} step {step}: top-5 sets differ ({sorted(w)} vs {sorted(g)})"
+                )
+        gap = max_logprob_gap(want, got)
+        assert gap <= atol, f"prompt {i}: top-5 logprob gap {gap:.3g} > {atol}"
+        worst = max(worst, gap)
+    assert not math.isnan(worst)
+    return worst

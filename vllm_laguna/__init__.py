@@ -1,0 +1,47 @@
+"""vLLM plugin: Laguna, LFM2 and Llama 4 text models, and the Laguna parsers.
+
+vLLM calls :func:`register` (entry point ``vllm.general_plugins: laguna``) in every process
+it starts, possibly several times. It only records lazy ``"module:Class"`` strings, so it
+imports nothing heavy and initialises no device.
+"""
+
+__version__ = "0.1.0"
+
+_MODELS_PKG = "vllm_laguna.model_executor.models"
+
+#: architecture name -> "module:Class"; these replace vLLM's in-tree classes.
+MODELS = {
+    "LagunaForCausalLM": f"{_MODELS_PKG}.laguna:LagunaForCausalLM",
+    "Lfm2ForCausalLM": f"{_MODELS_PKG}.lfm2:Lfm2ForCausalLM",
+    "Llama4ForCausalLM": f"{_MODELS_PKG}.llama4:Llama4ForCausalLM",
+}
+
+#: parser name -> (module, class) for vLLM's reasoning / tool parser managers.
+REASONING_PARSERS = {
+    "laguna": ("vllm_laguna.reasoning.laguna_reasoning_parser", "LagunaReasoningParser"),
+}
+TOOL_PARSERS = {
+    "laguna": ("vllm_laguna.tool_parsers.laguna_tool_parser", "LagunaToolParser"),
+}
+
+_registered = False
+
+
+def register() -> None:
+    """Register our models over vLLM's in-tree ones, and our parsers. Idempotent."""
+    global _registered
+    if _registered:
+        return
+    from vllm import ModelRegistry
+
+    for arch, target in MODELS.items():
+        ModelRegistry.register_model(arch, target)
+
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    for name, (module, cls) in REASONING_PARSERS.items():
+        ReasoningParserManager.register_lazy_module(name, module, cls)
+    for name, (module, cls) in TOOL_PARSERS.items():
+        ToolParserManager.register_lazy_module(name, module, cls)
+    _registered = True

@@ -1,0 +1,231 @@
+"""Laguna config: read, validate and resolve a ``LagunaConfig`` (or its raw JSON form).
+
+Quirks handled here, and nowhere else:
+
+* ``rope_parameters`` nested per layer type (``{"full_attention": {...},
+  "sliding_attention": {...}}``), possibly beside stray flat keys, which transformers ignores;
+  a flat dict applies to every layer type. Missing entries are filled the way transformers'
+  ``standardize_rope_params`` does (``rope_theta``/``partial_rotary_factor`` from the top
+  level, YaRN's ``original_max_position_embeddings`` from ``max_position_embeddings``).
+* ``gating``: ``"per-head"``, ``"per-element"``, ``false`` (no gate) or ``true``, which is
+  ambiguous in the wild (transformers reads it as per-head, M.1's remote code as
+  per-element): ``true`` is resolved from the ``g_proj`` weight's shape at load time.
+* per-layer query-head counts, attention layer types and MLP layer types, with the defaults
+  transformers uses when they are absent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from vllm_laguna.configs.errors import ConfigError, per_layer_list, positive_int
+
+MODEL = "Laguna"
+LAYER_TYPES = ("full_attention", "sliding_attention")
+MLP_LAYER_TYPES = ("dense", "sparse")
+
+GateKind = Literal["per-head", "per-element", "from-weights", "none"]
+
+# Keys of a YaRN rope dict that vLLM's get_rope understands (besides type/theta/factor).
+_YARN_KEYS = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
+
+
+@dataclass(frozen=True)
+class LagunaArch:
+    """Everything the Laguna model reads from its config, validated and resolved."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    head_dim: int
+    num_kv_heads: int
+    heads_per_layer: tuple[int, ...]
+    layer_types: tuple[str, ...]
+    sliding_window: int | None
+    #: rope dict for vLLM's ``get_rope`` per layer type used by the model
+    rope_by_layer_type: dict[str, dict[str, Any]]
+    max_position_embeddings: int
+    mlp_layer_types: tuple[str, ...]
+    intermediate_size: int
+    moe_intermediate_size: int
+    shared_expert_intermediate_size: int
+    num_experts: int
+    top_k: int
+    routed_scaling_factor: float
+    router_logit_softcapping: float
+    gating: GateKind
+    rms_norm_eps: float
+    attention_bias: bool
+    tie_word_embeddings: bool
+
+    def window(self, layer: int) -> int | None:
+        """Sliding window of ``layer`` (inclusive of the current token), None on full layers."""
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+    def rope(self, layer: int) -> dict[str, Any]:
+        return self.rope_by_layer_type[self.layer_types[layer]]
+
+    @property
+    def sparse_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.mlp_layer_types) if t == "sparse")
+
+
+def parse_laguna_config(config: Any) -> LagunaArch:
+    """Validate ``config`` (a transformers config object) and resolve it into a LagunaArch.
+
+    Raises:
+        ConfigError: naming the offending field and the value expected.
+    """
+    num_layers = positive_int(MODEL, config, "num_hidden_layers")
+    hidden = positive_int(MODEL, config, "hidden_size")
+    num_heads = positive_int(MODEL, config, "num_attention_heads")
+    head_dim = getattr(config, "head_dim", None) or hidden // num_heads
+    if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
+        raise ConfigError(MODEL, "head_dim", "a positive even integer", head_dim)
+    num_kv = positive_int(MODEL, config, "num_key_value_heads")
+
+    heads = getattr(config, "num_attention_heads_per_layer", None) or [num_heads] * num_layers
+    heads = per_layer_list(MODEL, "num_attention_heads_per_layer", heads, num_layers)
+    for i, h in enumerate(heads):
+        if isinstance(h, bool) or not isinstance(h, int) or h <= 0 or h % num_kv:
+            raise ConfigError(
+                MODEL,
+                f"num_attention_heads_per_layer[{i}]",
+                f"a positive multiple of num_key_value_heads={num_kv}",
+                h,
+            )
+
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * num_layers
+    layer_types = per_layer_list(MODEL, "layer_types", layer_types, num_layers, LAYER_TYPES)
+    sliding_window = getattr(config, "sliding_window", None)
+    if "sliding_attention" in layer_types:
+        sliding_window = positive_int(MODEL, config, "sliding_window")
+    else:
+        sliding_window = None
+
+    mlp_types = getattr(config, "mlp_layer_types", None) or ["dense"] + ["sparse"] * (num_layers - 1)
+    mlp_types = per_layer_list(MODEL, "mlp_layer_types", mlp_types, num_layers, MLP_LAYER_TYPES)
+
+    has_sparse = "sparse" in mlp_types
+    num_experts = positive_int(MODEL, config, "num_experts") if has_sparse else 0
+    top_k = positive_int(MODEL, config, "num_experts_per_tok") if has_sparse else 0
+    if has_sparse and top_k > num_experts:
+        raise ConfigError(MODEL, "num_experts_per_tok", f"at most num_experts={num_experts}", top_k)
+    if getattr(config, "moe_apply_router_weight_on_input", False):
+        raise ConfigError(
+            MODEL,
+            "moe_apply_router_weight_on_input",
+            "false (router weights on the expert input are unsupported, as in transformers)",
+            True,
+        )
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ConfigError(MODEL, "hidden_act", '"silu"', config.hidden_act)
+    softcap = float(getattr(config, "moe_router_logit_softcapping", 0.0) or 0.0)
+    if softcap < 0:
+        raise ConfigError(MODEL, "moe_router_logit_softcapping", "a value >= 0 (0 disables it)", softcap)
+
+    max_pos = positive_int(MODEL, config, "max_position_embeddings", 131072)
+    rope = _resolve_rope(config, sorted(set(layer_types)), head_dim, max_pos)
+
+    return LagunaArch(
+        vocab_size=positive_int(MODEL, config, "vocab_size"),
+        hidden_size=hidden,
+        num_layers=num_layers,
+        head_dim=head_dim,
+        num_kv_heads=num_kv,
+        heads_per_layer=heads,
+        layer_types=layer_types,
+        sliding_window=sliding_window,
+        rope_by_layer_type=rope,
+        max_position_embeddings=max_pos,
+        mlp_layer_types=mlp_types,
+        intermediate_size=(
+            positive_int(MODEL, config, "intermediate_size") if "dense" in mlp_types else 0
+        ),
+        moe_intermediate_size=positive_int(MODEL, config, "moe_intermediate_size") if has_sparse else 0,
+        shared_expert_intermediate_size=int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
+        if has_sparse
+        else 0,
+        num_experts=num_experts,
+        top_k=top_k,
+        routed_scaling_factor=float(getattr(config, "moe_routed_scaling_factor", 1.0) or 1.0),
+        router_logit_softcapping=softcap,
+        gating=_resolve_gating(getattr(config, "gating", True)),
+        rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-6)),
+        attention_bias=bool(getattr(config, "attention_bias", False)),
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+    )
+
+
+def _resolve_gating(value: Any) -> GateKind:
+    if value is True:
+        return "from-weights"
+    if value is False or value is None:
+        return "none"
+    if value in ("per-head", "per-element"):
+        return value
+    raise ConfigError(MODEL, "gating", 'true, false, "per-head" or "per-element"', value)
+
+
+def _resolve_rope(
+    config: Any, layer_types: list[str], head_dim: int, max_pos: int
+) -> dict[str, dict[str, Any]]:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(params, dict):
+        raise ConfigError(MODEL, "rope_parameters", "a dict (optionally nested per layer type)", params)
+    nested = any(k in LAYER_TYPES for k in params)
+    resolved = {}
+    for layer_type in layer_types:
+        field = f"rope_parameters.{layer_type}" if nested else "rope_parameters"
+        entry = params.get(layer_type) if nested else params
+        if not isinstance(entry, dict):
+            raise ConfigError(MODEL, field, f"a rope dict for the {layer_type} layers", entry)
+        resolved[layer_type] = _resolve_rope_entry(config, field, dict(entry), head_dim, max_pos)
+    return resolved
+
+
+def _resolve_rope_entry(
+    config: Any, field: str, entry: dict[str, Any], head_dim: int, max_pos: int
+) -> dict[str, Any]:
+    rope_type = entry.get("rope_type", entry.get("type", "default"))
+    theta = entry.get("rope_theta", getattr(config, "rope_theta", None))
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        raise ConfigError(MODEL, f"{field}.rope_theta", "a positive number", theta)
+    partial = entry.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    partial = 1.0 if partial is None else float(partial)
+    if not 0.0 < partial <= 1.0 or int(head_dim * partial) % 2:
+        raise ConfigError(
+            MODEL,
+            f"{field}.partial_rotary_factor",
+            f"a value in (0, 1] giving an even rotary dim of head_dim={head_dim}",
+            partial,
+        )
+    out: dict[str, Any] = {
+        "rope_type": rope_type,
+        "rope_theta": float(theta),
+        "partial_rotary_factor": partial,
+    }
+    if rope_type == "default":
+        return out
+    if rope_type != "yarn":
+        # Other scaling types go to vLLM's get_rope with their own keys untouched.
+        out.update({k: v for k, v in entry.items() if k not in ("type", "rope_type")})
+        out["rope_type"] = rope_type
+        return out
+    original = entry.get("original_max_position_embeddings", max_pos)
+    factor = entry.get("factor")
+    if factor is None:  # transformers derives it from the two context lengths
+        factor = max_pos / original
+    if not isinstance(factor, (int, float)) or factor <= 0 or math.isnan(factor):
+        raise ConfigError(MODEL, f"{field}.factor", "a positive number", factor)
+    out["factor"] = float(factor)
+    out["original_max_position_embeddings"] = int(original)
+    for key in _YARN_KEYS:
+        if entry.get(key) is not None:
+            out[key] = entry[key]
+    # transformers treats a falsy beta as "use the default" (`get(...) or 32`)
+    out["beta_fast"] = entry.get("beta_fast") or 32
+    out["beta_slow"] = entry.get("beta_slow") or 1
+    return out

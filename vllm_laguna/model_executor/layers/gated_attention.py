@@ -1,0 +1,150 @@
+"""Laguna attention: per-layer head count, q/k RMSNorm, RoPE, sliding window, softplus gate.
+
+``o_proj(attn(rope(q_norm(q)), rope(k_norm(k)), v) * softplus(g_proj(x)))`` where the gate
+is per head (``g_proj`` has one output per head, broadcast over ``head_dim``) or per
+element (``heads * head_dim`` outputs). Shapes on one tensor-parallel rank, T tokens:
+q ``[T, H_local * D]``, k/v ``[T, KV_local * D]``, gate ``[T, H_local]`` or ``[T, H_local * D]``.
+
+A config saying ``gating: true`` does not say which gate it means (transformers reads it
+as per-head, Laguna-M.1's remote code as per-element), so the layer starts per-head and,
+if the checkpoint's ``g_proj`` has ``heads * head_dim`` rows, rebuilds ``g_proj`` per
+element while loading it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vllm.config import CacheConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
+from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.layers.rotary_embedding import get_rope
+
+from vllm_laguna import kernels
+from vllm_laguna.configs.laguna import LagunaArch
+from vllm_laguna.model_executor.checkpoint import CheckpointError
+
+
+class GatedAttention(nn.Module):
+    def __init__(
+        self,
+        arch: LagunaArch,
+        layer: int,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+    ):
+        super().__init__()
+        tp_size = get_tensor_model_parallel_world_size()
+        total_heads = arch.heads_per_layer[layer]
+        if total_heads % tp_size:
+            raise ValueError(
+                f"num_attention_heads_per_layer[{layer}]={total_heads} is not divisible by "
+                f"tensor_parallel_size={tp_size}"
+            )
+        if arch.num_kv_heads % tp_size and tp_size % arch.num_kv_heads:
+            raise ValueError(
+                f"num_key_value_heads={arch.num_kv_heads} and tensor_parallel_size={tp_size}: "
+                "one must divide the other"
+            )
+        self.head_dim = arch.head_dim
+        self.total_heads = total_heads
+        self.num_heads = total_heads // tp_size
+        self.num_kv_heads = max(1, arch.num_kv_heads // tp_size)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.hidden_size = arch.hidden_size
+        self.quant_config = quant_config
+        self.prefix = prefix
+
+        self.qkv_proj = QKVParallelLinear(
+            arch.hidden_size,
+            arch.head_dim,
+            total_heads,
+            arch.num_kv_heads,
+            bias=arch.attention_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = RowParallelLinear(
+            total_heads * arch.head_dim,
+            arch.hidden_size,
+            bias=arch.attention_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.o_proj",
+        )
+        self.gating = arch.gating
+        if arch.gating != "none":
+            self.g_proj = self._make_g_proj(per_element=arch.gating == "per-element")
+        self.q_norm = RMSNorm(arch.head_dim, eps=arch.rms_norm_eps)
+        self.k_norm = RMSNorm(arch.head_dim, eps=arch.rms_norm_eps)
+        self.rotary_emb = get_rope(
+            arch.head_dim,
+            max_position=arch.max_position_embeddings,
+            is_neox_style=True,
+            rope_parameters=arch.rope(layer),
+        )
+        self.attn = Attention(
+            self.num_heads,
+            arch.head_dim,
+            arch.head_dim**-0.5,
+            num_kv_heads=self.num_kv_heads,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            per_layer_sliding_window=arch.window(layer),
+            prefix=f"{prefix}.attn",
+        )
+
+    def _make_g_proj(self, per_element: bool) -> ColumnParallelLinear:
+        g_proj = ColumnParallelLinear(
+            self.hidden_size,
+            self.total_heads * (self.head_dim if per_element else 1),
+            bias=False,
+            quant_config=self.quant_config,
+            prefix=f"{self.prefix}.g_proj",
+        )
+        if isinstance(g_proj.quant_method, UnquantizedLinearMethod):
+            g_proj.weight.weight_loader = self._load_g_proj
+        return g_proj
+
+    def _load_g_proj(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        """Checks the gate's row count against ``gating``; for ``gating: true`` it picks the gate.
+
+        Only installed on an unquantized ``g_proj`` (released checkpoints keep attention in
+        bf16); a quantized one loads through vLLM's own loader.
+        """
+        per_head, per_element = self.total_heads, self.total_heads * self.head_dim
+        rows = loaded.shape[0]
+        expected = self.g_proj.output_size
+        if rows != expected:
+            if self.gating != "from-weights" or rows != per_element:
+                raise CheckpointError(
+                    f"{self.prefix}.g_proj.weight has {rows} rows; config `gating` "
+                    f"({self.gating}) expects {expected} (per-head: {per_head}, "
+                    f"per-element: {per_element})"
+                )
+            self.g_proj = self._make_g_proj(per_element=True).to(device=param.device, dtype=param.dtype)
+            param = self.g_proj.weight
+        ColumnParallelLinear.weight_loader(self.g_proj, param, loaded)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim)).view(q.shape)
+        k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim)).view(k.shape)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q, k, v)
+        if self.gating != "none":
+            gate, _ = self.g_proj(hidden_states)
+            out = kernels.softplus_gate(out, gate, self.head_dim)
+        out, _ = self.o_proj(out)
+        return out

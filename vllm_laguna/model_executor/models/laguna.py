@@ -1,0 +1,298 @@
+"""Poolside Laguna (``LagunaForCausalLM``) on vLLM's layers.
+
+Decoder layer ``i``: ``h = x + attn_i(rmsnorm(x))``, ``x = h + mlp_i(rmsnorm(h))``, where
+
+* ``attn_i`` has ``num_attention_heads_per_layer[i]`` query heads over a shared KV-head count,
+  q/k RMSNorm before RoPE (per-layer-type parameters: default or YaRN, partial rotary), a
+  sliding window on ``sliding_attention`` layers only, and a softplus output gate before
+  ``o_proj`` (see :mod:`vllm_laguna.model_executor.layers.gated_attention`);
+* ``mlp_i`` is a dense SwiGLU or a sigmoid-routed MoE with an ungated shared expert
+  (:class:`LagunaSparseMoeBlock`).
+
+The config is read once by :func:`vllm_laguna.configs.laguna.parse_laguna_config`; the
+checkpoint layouts (Hub and transformers ``save_pretrained``) are mapped in
+:data:`LagunaForCausalLM.hf_to_vllm_mapper` and checked by
+:class:`vllm_laguna.model_executor.checkpoint.CheckpointAudit`.
+"""
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.fused_moe import FusedMoEFactory, GateLinear
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.models.interfaces import SupportsQuant
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
+from vllm.sequence import IntermediateTensors
+
+from vllm_laguna.configs.laguna import LagunaArch, parse_laguna_config
+from vllm_laguna.model_executor.checkpoint import CheckpointAudit
+from vllm_laguna.model_executor.layers.gated_attention import GatedAttention
+from vllm_laguna.model_executor.layers.routing import SigmoidTopKRouter
+
+
+class LagunaMLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``; gate and up fused column-parallel."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        quant_config: QuantizationConfig | None,
+        reduce_results: bool = True,
+        prefix: str = "",
+    ):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size,
+            [intermediate_size] * 2,
+            bias=False,
+            quant_config=quant_config,
+            prefix=f"{prefix}.gate_up_proj",
+        )
+        self.down_proj = RowParallelLinear(
+            intermediate_size,
+            hidden_size,
+            bias=False,
+            quant_config=quant_config,
+            reduce_results=reduce_results,
+            prefix=f"{prefix}.down_proj",
+        )
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        out, _ = self.down_proj(self.act_fn(gate_up))
+        return out
+
+
+class LagunaSparseMoeBlock(nn.Module):
+    """Sigmoid-routed experts x routed scaling factor, plus an ungated shared expert.
+
+    The router logits come from ``gate`` in fp32; ``gate.e_score_correction_bias`` (fp32)
+    only steers selection. vLLM's fused-MoE runner adds the shared expert and does the
+    tensor-parallel all-reduce once for both.
+    """
+
+    def __init__(self, arch: LagunaArch, quant_config: QuantizationConfig | None, prefix: str):
+        super().__init__()
+        if get_tensor_model_parallel_world_size() > arch.num_experts:
+            raise ValueError(
+                f"tensor_parallel_size={get_tensor_model_parallel_world_size()} exceeds "
+                f"num_experts={arch.num_experts}"
+            )
+        self.gate = GateLinear(
+            arch.hidden_size,
+            arch.num_experts,
+            bias=False,
+            out_dtype=torch.float32,
+            quant_config=None,
+            prefix=f"{prefix}.gate",
+        )
+        self.gate.e_score_correction_bias = nn.Parameter(
+            torch.zeros(arch.num_experts, dtype=torch.float32), requires_grad=False
+        )
+        self.shared_expert = (
+            LagunaMLP(
+                arch.hidden_size,
+                arch.shared_expert_intermediate_size,
+                quant_config,
+                reduce_results=False,
+                prefix=f"{prefix}.shared_expert",
+            )
+            if arch.shared_expert_intermediate_size > 0
+            else None
+        )
+        router = SigmoidTopKRouter(
+            top_k=arch.top_k,
+            num_experts=arch.num_experts,
+            correction_bias=self.gate.e_score_correction_bias,
+            softcap=arch.router_logit_softcapping,
+            routed_scaling_factor=arch.routed_scaling_factor,
+        )
+        self.experts = FusedMoEFactory(
+            num_experts=arch.num_experts,
+            top_k=arch.top_k,
+            hidden_size=arch.hidden_size,
+            intermediate_size=arch.moe_intermediate_size,
+            renormalize=True,
+            quant_config=quant_config,
+            prefix=f"{prefix}.experts",
+            router=router,
+            scoring_func="sigmoid",
+            shared_experts=self.shared_expert,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        router_logits, _ = self.gate(x)
+        return self.experts(hidden_states=x, router_logits=router_logits.float())
+
+
+class LagunaDecoderLayer(nn.Module):
+    def __init__(self, vllm_config: VllmConfig, arch: LagunaArch, layer: int, prefix: str):
+        super().__init__()
+        quant_config = vllm_config.quant_config
+        self.self_attn = GatedAttention(
+            arch,
+            layer,
+            cache_config=vllm_config.cache_config,
+            quant_config=quant_config,
+            prefix=f"{prefix}.self_attn",
+        )
+        if arch.mlp_layer_types[layer] == "sparse":
+            self.mlp = LagunaSparseMoeBlock(arch, quant_config, prefix=f"{prefix}.mlp")
+        else:
+            self.mlp = LagunaMLP(
+                arch.hidden_size, arch.intermediate_size, quant_config, prefix=f"{prefix}.mlp"
+            )
+        self.input_layernorm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+@support_torch_compile
+class LagunaModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        arch = parse_laguna_config(vllm_config.model_config.hf_text_config)
+        self.arch = arch
+        self.embed_tokens = VocabParallelEmbedding(
+            arch.vocab_size, arch.hidden_size, prefix=f"{prefix}.embed_tokens"
+        )
+        self.layers = nn.ModuleList(
+            LagunaDecoderLayer(vllm_config, arch, i, prefix=f"{prefix}.layers.{i}")
+            for i in range(arch.num_layers)
+        )
+        self.norm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class LagunaForCausalLM(nn.Module, SupportsQuant):
+    """vLLM entry point for ``LagunaForCausalLM`` checkpoints (Hub or transformers layout)."""
+
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+    # transformers' save_pretrained layout -> the Hub layout our modules are named after.
+    # Fused experts (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]) keep
+    # their names: vLLM's fused-MoE loader splits them.
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_substr={
+            ".mlp.shared_experts.": ".mlp.shared_expert.",
+            ".mlp.experts.e_score_correction_bias": ".mlp.gate.e_score_correction_bias",
+        },
+        orig_to_new_stacked={
+            ".q_proj": (".qkv_proj", "q"),
+            ".k_proj": (".qkv_proj", "k"),
+            ".v_proj": (".qkv_proj", "v"),
+            ".shared_expert.gate_proj": (".shared_expert.gate_up_proj", 0),
+            ".shared_expert.up_proj": (".shared_expert.gate_up_proj", 1),
+            ".mlp.gate_proj": (".mlp.gate_up_proj", 0),
+            ".mlp.up_proj": (".mlp.gate_up_proj", 1),
+        },
+    )
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        self.model = LagunaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        arch = self.model.arch
+        self.lm_head = ParallelLMHead(
+            arch.vocab_size,
+            arch.hidden_size,
+            quant_config=vllm_config.quant_config,
+            prefix=maybe_prefix(prefix, "lm_head"),
+        )
+        if arch.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(arch.vocab_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        audit = CheckpointAudit(laguna_checkpoint_keys(self.model.arch))
+        loader = AutoWeightsLoader(self)
+        loaded = loader.load_weights(audit.watch(weights), mapper=self.hf_to_vllm_mapper)
+        audit.raise_if_incomplete()
+        return loaded
+
+
+def laguna_checkpoint_keys(arch: LagunaArch) -> CheckpointAudit.Spec:
+    """What a complete Laguna checkpoint holds, in both layouts (see CheckpointAudit)."""
+    spec = CheckpointAudit.Spec()
+    spec.require("model.embed_tokens.weight", "model.norm.weight")
+    if not arch.tie_word_embeddings:
+        spec.require("lm_head.weight")
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}"
+        spec.require(f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight")
+        attn = [f"{p}.self_attn.{n}_proj.weight" for n in "qkvo"]
+        attn += [f"{p}.self_attn.q_norm.weight", f"{p}.self_attn.k_norm.weight"]
+        if arch.gating != "none":
+            attn.append(f"{p}.self_attn.g_proj.weight")
+        spec.require(*attn)
+        if arch.attention_bias:
+            spec.require(*(f"{p}.self_attn.{n}_proj.bias" for n in "qkvo"))
+        if arch.mlp_layer_types[i] == "dense":
+            spec.require(*(f"{p}.mlp.{n}_proj.weight" for n in ("gate", "up", "down")))
+            continue
+        spec.require(f"{p}.mlp.gate.weight")
+        spec.require_one_of(
+            f"{p}.mlp.experts.e_score_correction_bias", f"{p}.mlp.gate.e_score_correction_bias"
+        )
+        if arch.shared_expert_intermediate_size > 0:
+            for n in ("gate", "up", "down"):
+                spec.require_one_of(
+                    f"{p}.mlp.shared_expert.{n}_proj.weight", f"{p}.mlp.shared_experts.{n}_proj.weight"
+                )
+        spec.require_experts(f"{p}.mlp.experts", arch.num_experts)
+    return spec

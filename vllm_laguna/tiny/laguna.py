@@ -1,0 +1,220 @@
+"""Tiny Laguna checkpoints with random weights, in the layouts real checkpoints use on disk.
+
+``hub`` is the layout of poolside's Hub checkpoints (per-expert tensors,
+``mlp.experts.e_score_correction_bias``, ``mlp.shared_expert.*``); ``transformers`` holds the
+names of transformers' own module tree (fused ``experts.gate_up_proj`` [E, 2I, H] and
+``experts.down_proj`` [E, H, I], ``mlp.gate.e_score_correction_bias``,
+``mlp.shared_experts.*``), as ``save_pretrained`` of several transformers 5.x releases writes
+them (5.19 converts back to the Hub names on save). It is produced by loading the Hub layout
+into transformers and saving its state dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vllm_laguna.tiny.tokenizer import build_tokenizer
+from vllm_laguna.tiny.weights import RandomWeights, save_checkpoint
+
+
+def _default_rope() -> dict[str, Any]:
+    return {
+        "full_attention": {
+            "rope_type": "yarn",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "original_max_position_embeddings": 128,
+            "beta_fast": 64.0,
+            "beta_slow": 1.0,
+            "attention_factor": 1.0,
+            "partial_rotary_factor": 0.5,
+        },
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    }
+
+
+@dataclass
+class LagunaTiny:
+    """Options of a tiny Laguna checkpoint; defaults exercise every Laguna feature.
+
+    Sizes respect vLLM's CPU backend: head_dim in {32, 64, ...}, hidden and expert
+    widths multiples of 32.
+    """
+
+    num_layers: int = 4
+    hidden_size: int = 64
+    head_dim: int = 32
+    num_kv_heads: int = 2
+    heads_per_layer: list[int] = field(default_factory=lambda: [4, 8, 8, 8])
+    layer_types: list[str] = field(
+        default_factory=lambda: ["full_attention", "sliding_attention", "sliding_attention", "sliding_attention"]
+    )
+    sliding_window: int = 16
+    rope_parameters: dict[str, Any] = field(default_factory=_default_rope)
+    max_position_embeddings: int = 4096
+    mlp_layer_types: list[str] = field(default_factory=lambda: ["dense", "sparse", "sparse", "sparse"])
+    intermediate_size: int = 96
+    num_experts: int = 8
+    top_k: int = 2
+    moe_intermediate_size: int = 32
+    shared_expert_intermediate_size: int = 32
+    routed_scaling_factor: float = 2.5
+    router_softcap: float = 0.0
+    #: std of the e_score_correction_bias; large enough to change which experts win
+    bias_std: float = 0.1
+    #: what config.json says: "per-head", "per-element", True or False
+    gating: Any = "per-head"
+    #: the gate the weights have when gating is True: "per-head" or "per-element"
+    gate_weights: str = "per-head"
+    vocab_size: int = 512
+    weight_std: float = 0.08
+    dtype: str = "float32"
+    layout: str = "hub"
+    tie_word_embeddings: bool = False
+    seed: int = 0
+    #: extra or overriding config.json entries (e.g. to write a malformed config)
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def preset(cls, name: str) -> LagunaTiny:
+        """``default``: the tiny test model; ``xs2-scaled``: Laguna-XS.2's structure at
+        1/2 width and 1/5 depth (benchmarks)."""
+        if name == "default":
+            return cls()
+        if name == "xs2-scaled":
+            pattern = ["full_attention"] + ["sliding_attention"] * 3
+            rope = _default_rope()
+            rope["full_attention"]["original_max_position_embeddings"] = 4096
+            return cls(
+                num_layers=8,
+                hidden_size=1024,
+                head_dim=128,
+                num_kv_heads=8,
+                heads_per_layer=[24 if t == "full_attention" else 32 for t in pattern * 2],
+                layer_types=pattern * 2,
+                sliding_window=512,
+                rope_parameters=rope,
+                max_position_embeddings=131072,
+                mlp_layer_types=["dense"] + ["sparse"] * 7,
+                intermediate_size=4096,
+                num_experts=256,
+                top_k=8,
+                moe_intermediate_size=256,
+                shared_expert_intermediate_size=256,
+                vocab_size=32768,
+                dtype="bfloat16",
+                weight_std=0.02,
+            )
+        raise ValueError(f"unknown Laguna preset {name!r}: expected 'default' or 'xs2-scaled'")
+
+    def config(self) -> dict[str, Any]:
+        cfg = {
+            "architectures": ["LagunaForCausalLM"],
+            "model_type": "laguna",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": max(self.heads_per_layer),
+            "num_attention_heads_per_layer": list(self.heads_per_layer),
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "layer_types": list(self.layer_types),
+            "sliding_window": self.sliding_window,
+            "rope_parameters": self.rope_parameters,
+            "max_position_embeddings": self.max_position_embeddings,
+            "mlp_layer_types": list(self.mlp_layer_types),
+            "num_experts": self.num_experts,
+            "num_experts_per_tok": self.top_k,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "shared_expert_intermediate_size": self.shared_expert_intermediate_size,
+            "moe_routed_scaling_factor": self.routed_scaling_factor,
+            "moe_router_logit_softcapping": self.router_softcap,
+            "moe_apply_router_weight_on_input": False,
+            "gating": self.gating,
+            "rms_norm_eps": 1e-6,
+            "attention_bias": False,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": 2,
+            "eos_token_id": [2, 24],
+            "pad_token_id": 0,
+            "dtype": self.dtype,
+        }
+        cfg.update(self.config_overrides)
+        return cfg
+
+    def hub_state_dict(self) -> dict[str, torch.Tensor]:
+        """Random weights named as in poolside's Hub checkpoints."""
+        w = RandomWeights(self.seed, self.weight_std)
+        H, D = self.hidden_size, self.head_dim
+        per_element = self.gating == "per-element" or (self.gating is True and self.gate_weights == "per-element")
+        sd = {"model.embed_tokens.weight": w.normal(self.vocab_size, H), "model.norm.weight": w.norm(H)}
+        if not self.tie_word_embeddings:
+            sd["lm_head.weight"] = w.normal(self.vocab_size, H)
+        for i in range(self.num_layers):
+            p = f"model.layers.{i}"
+            heads = self.heads_per_layer[i]
+            sd[f"{p}.input_layernorm.weight"] = w.norm(H)
+            sd[f"{p}.post_attention_layernorm.weight"] = w.norm(H)
+            sd[f"{p}.self_attn.q_proj.weight"] = w.normal(heads * D, H)
+            sd[f"{p}.self_attn.k_proj.weight"] = w.normal(self.num_kv_heads * D, H)
+            sd[f"{p}.self_attn.v_proj.weight"] = w.normal(self.num_kv_heads * D, H)
+            sd[f"{p}.self_attn.o_proj.weight"] = w.normal(H, heads * D)
+            sd[f"{p}.self_attn.q_norm.weight"] = w.norm(D)
+            sd[f"{p}.self_attn.k_norm.weight"] = w.norm(D)
+            if self.gating is not False:
+                sd[f"{p}.self_attn.g_proj.weight"] = w.normal(heads * D if per_element else heads, H)
+            if self.mlp_layer_types[i] == "dense":
+                sd.update(_swiglu(w, f"{p}.mlp", H, self.intermediate_size))
+                continue
+            E, I = self.num_experts, self.moe_intermediate_size
+            sd[f"{p}.mlp.gate.weight"] = w.normal(E, H)
+            sd[f"{p}.mlp.experts.e_score_correction_bias"] = w.normal(E, std=self.bias_std).float()
+            for e in range(E):
+                sd.update(_swiglu(w, f"{p}.mlp.experts.{e}", H, I))
+            if self.shared_expert_intermediate_size:
+                sd.update(_swiglu(w, f"{p}.mlp.shared_expert", H, self.shared_expert_intermediate_size))
+        dtype = getattr(torch, self.dtype)
+        return {k: v if k.endswith("e_score_correction_bias") else v.to(dtype) for k, v in sd.items()}
+
+
+def _swiglu(w: RandomWeights, prefix: str, hidden: int, inner: int) -> dict[str, torch.Tensor]:
+    return {
+        f"{prefix}.gate_proj.weight": w.normal(inner, hidden),
+        f"{prefix}.up_proj.weight": w.normal(inner, hidden),
+        f"{prefix}.down_proj.weight": w.normal(hidden, inner),
+    }
+
+
+def build_laguna(out_dir: str | Path, spec: LagunaTiny | None = None, **options: Any) -> Path:
+    """Write a tiny Laguna checkpoint (config, weights, tokenizer, chat template) to ``out_dir``.
+
+    ``options`` override fields of ``spec`` (default :class:`LagunaTiny`).
+    """
+    spec = dataclasses.replace(spec or LagunaTiny(), **options)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if spec.layout == "hub":
+        save_checkpoint(out, spec.config(), spec.hub_state_dict(), generation={"eos_token_id": [2, 24]})
+    elif spec.layout == "transformers":
+        _save_via_transformers(out, spec)
+    else:
+        raise ValueError(f"unknown layout {spec.layout!r}: expected 'hub' or 'transformers'")
+    build_tokenizer(out, vocab_size=min(spec.vocab_size, 512))
+    return out
+
+
+def _save_via_transformers(out: Path, spec: LagunaTiny) -> None:
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Path(tmp), spec.config(), spec.hub_state_dict(), generation={"eos_token_id": [2, 24]})
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, spec.dtype))
+    save_checkpoint(out, spec.config(), model.state_dict(), generation={"eos_token_id": [2, 24]})
