@@ -1,0 +1,165 @@
+"""Laguna config resolution: RoPE against transformers, and clear errors for bad configs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LagunaConfig
+from transformers.models.laguna import modeling_laguna
+
+from vllm_laguna.configs import ConfigError
+from vllm_laguna.configs.laguna import parse_laguna_config
+
+XS2_FULL = {
+    "rope_type": "yarn",
+    "rope_theta": 500000.0,
+    "factor": 32.0,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 64.0,
+    "beta_slow": 1.0,
+    "attention_factor": 1.0,
+    "partial_rotary_factor": 0.5,
+}
+SLIDING = {"rope_type": "default", "rope_theta": 10000.0}
+
+
+def _without(d, key):
+    return {k: v for k, v in d.items() if k != key}
+
+
+def laguna_config(**overrides) -> LagunaConfig:
+    kwargs = dict(
+        vocab_size=256,
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=128,
+        layer_types=["full_attention", "sliding_attention"],
+        mlp_layer_types=["dense", "sparse"],
+        rope_parameters={"full_attention": dict(XS2_FULL), "sliding_attention": dict(SLIDING)},
+        max_position_embeddings=131072,
+        num_experts=8,
+        num_experts_per_tok=2,
+    )
+    kwargs.update(overrides)
+    return LagunaConfig(**kwargs)
+
+
+def _bad(config, **attrs):
+    for key, value in attrs.items():
+        object.__setattr__(config, key, value)  # bypass transformers' own validation
+    return config
+
+
+ROPE_CASES = {
+    "xs2-factor32": {"full_attention": XS2_FULL, "sliding_attention": SLIDING},
+    "xs2-factor64": {"full_attention": {**XS2_FULL, "factor": 64.0}, "sliding_attention": SLIDING},
+    # no attention_factor: transformers scales cos/sin by 0.1 ln(factor) + 1
+    "factor32-no-attention-factor": {
+        "full_attention": _without(XS2_FULL, "attention_factor"),
+        "sliding_attention": SLIDING,
+    },
+    "factor64-no-attention-factor": {
+        "full_attention": {**_without(XS2_FULL, "attention_factor"), "factor": 64.0},
+        "sliding_attention": {**SLIDING, "partial_rotary_factor": 0.25},
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_rope_matches_transformers(case, default_vllm_config):
+    """vLLM's get_rope, fed our resolved parameters, rotates q/k exactly as transformers,
+    YaRN's attention_factor (given or derived) included. Pins vLLM 0.32's behaviour."""
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    config = laguna_config(rope_parameters=copy.deepcopy(ROPE_CASES[case]))
+    arch = parse_laguna_config(config)
+    hf_rope = modeling_laguna.LagunaRotaryEmbedding(config)
+    positions = torch.tensor([0, 1, 7, 100, 4095, 4096, 20000, 131071])
+    gen = torch.Generator().manual_seed(0)
+    for layer, layer_type in enumerate(config.layer_types):
+        q = torch.randn(len(positions), 4, 128, generator=gen)
+        k = torch.randn(len(positions), 2, 128, generator=gen)
+        cos, sin = hf_rope(q, positions[None], layer_type)
+        want_q, want_k = modeling_laguna.apply_rotary_pos_emb(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin
+        )
+        rope = get_rope(128, max_position=arch.max_position_embeddings, rope_parameters=arch.rope(layer),
+                        dtype=torch.float32)
+        got_q, got_k = rope.forward_native(positions, q.reshape(len(positions), -1), k.reshape(len(positions), -1))
+        torch.testing.assert_close(got_q.view_as(q), want_q[0].transpose(0, 1), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(got_k.view_as(k), want_k[0].transpose(0, 1), atol=2e-5, rtol=1e-5)
+
+
+def test_missing_attention_factor_scales_rotation():
+    """Guard that the case above is not vacuous: without the key the scale is 1.35, not 1."""
+    arch = parse_laguna_config(laguna_config(rope_parameters=copy.deepcopy(ROPE_CASES["factor32-no-attention-factor"])))
+    assert "attention_factor" not in arch.rope(0)
+    hf_rope = modeling_laguna.LagunaRotaryEmbedding(laguna_config(
+        rope_parameters=copy.deepcopy(ROPE_CASES["factor32-no-attention-factor"])))
+    assert hf_rope.full_attention_attention_scaling == pytest.approx(0.1 * torch.log(torch.tensor(32.0)).item() + 1)
+
+
+def test_nested_rope_tolerates_stray_flat_keys_and_fills_defaults():
+    params = {
+        "full_attention": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 8.0},
+        "sliding_attention": {"rope_theta": 1e4},
+        "original_max_position_embeddings": 4096,  # stray flat key: ignored, as transformers does
+        "rope_theta": 123.0,
+    }
+    # transformers' validator would reject the YaRN entry without original_max_position_embeddings;
+    # we fill it the way its standardize_rope_params does.
+    arch = parse_laguna_config(_bad(laguna_config(max_position_embeddings=8192), rope_parameters=params))
+    full, sliding = arch.rope(0), arch.rope(1)
+    assert full["rope_theta"] == 1e6 and full["factor"] == 8.0
+    assert full["original_max_position_embeddings"] == 8192  # transformers: max_position_embeddings
+    assert (full["beta_fast"], full["beta_slow"]) == (32, 1)
+    assert sliding == {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.0}
+
+
+def test_flat_rope_applies_to_every_layer_type():
+    arch = parse_laguna_config(laguna_config(rope_parameters={"rope_type": "default", "rope_theta": 5e5,
+                                                              "partial_rotary_factor": 0.5}))
+    assert arch.rope(0) == arch.rope(1) == {"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 0.5}
+
+
+def test_windows_only_on_sliding_layers():
+    arch = parse_laguna_config(laguna_config(sliding_window=64))
+    assert arch.window(0) is None and arch.window(1) == 64
+
+
+@pytest.mark.parametrize(
+    "gating, expected", [(True, "from-weights"), ("per-head", "per-head"), ("per-element", "per-element"), (False, "none")]
+)
+def test_gating_values(gating, expected):
+    assert parse_laguna_config(laguna_config(gating=gating)).gating == expected
+
+
+BAD_CONFIGS = {
+    "layer_types": dict(layer_types=["full_attention"] * 3),
+    "mlp_layer_types": dict(mlp_layer_types=["dense"]),
+    "num_attention_heads_per_layer": dict(num_attention_heads_per_layer=[4, 4, 4]),
+    "num_attention_heads_per_layer[1]": dict(num_attention_heads_per_layer=[4, 3]),
+    "layer_types[1]": dict(layer_types=["full_attention", "local"]),
+    "mlp_layer_types[0]": dict(mlp_layer_types=["moe", "sparse"]),
+    "gating": dict(gating="per-channel"),
+    "moe_apply_router_weight_on_input": dict(moe_apply_router_weight_on_input=True),
+    "sliding_window": dict(sliding_window=0),
+    "rope_parameters.sliding_attention": dict(rope_parameters={"full_attention": dict(XS2_FULL)}),
+    "rope_parameters.full_attention.partial_rotary_factor": dict(
+        rope_parameters={"full_attention": {**XS2_FULL, "partial_rotary_factor": 1.5}, "sliding_attention": SLIDING}
+    ),
+    "num_experts_per_tok": dict(num_experts_per_tok=9),
+    "hidden_act": dict(hidden_act="gelu"),
+}
+
+
+@pytest.mark.parametrize("field", list(BAD_CONFIGS))
+def test_bad_config_names_the_field(field):
+    with pytest.raises(ConfigError) as err:
+        parse_laguna_config(_bad(laguna_config(), **BAD_CONFIGS[field]))
+    assert err.value.field == field
+    assert f"`{field}`" in str(err.value) and "expected" in str(err.value)
