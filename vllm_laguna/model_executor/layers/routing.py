@@ -55,12 +55,24 @@ class SigmoidTopKRouter(BaseRouter):
 class Llama4TopKRouter(BaseRouter):
     """Llama 4 routing: top-k of the raw logits, sigmoid of the chosen logits.
 
-    The weights are meant for the expert *input* (``apply_router_weight_on_input``).
+    The weights scale the expert *input* (the layer is built with
+    ``apply_router_weight_on_input=True``): expert ``e`` sees ``x * sigmoid(logit_e)``.
+    vLLM applies input weights for one expert per row only (``topk == 1``, asserted by its
+    prepare step on every backend), so the layer always routes one expert per row, and for
+    ``top_k > 1`` each row is one (token, choice) pair: the runner's input transform repeats
+    every token ``top_k`` times (row ``t * top_k + j``) and this router returns the routing of
+    those rows, ``[T * top_k, 1]``, from the tokens' logits ``[T, E]``. With ``top_k == 1``
+    rows are tokens and this is plain top-1 routing.
     """
+
+    def __init__(self, top_k: int, global_num_experts: int):
+        super().__init__(top_k=1, global_num_experts=global_num_experts)
+        self.choices_per_token = top_k
 
     @property
     def routing_method_type(self) -> RoutingMethodType:
         return RoutingMethodType.Custom
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
-        return kernels.llama4_topk(router_logits, self.top_k)
+        weights, ids = kernels.llama4_topk(router_logits, self.choices_per_token)
+        return weights.reshape(-1, 1), ids.reshape(-1, 1)

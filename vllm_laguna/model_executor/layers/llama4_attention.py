@@ -1,0 +1,129 @@
+"""Llama 4 text attention: RoPE + chunked local attention, or NoPE + global attention.
+
+Per layer ``i`` (see :class:`vllm_laguna.configs.llama4.Llama4Arch`):
+
+* RoPE layers rotate q and k in transformers' complex-pair layout (dims ``2j`` and
+  ``2j + 1`` form one pair, ``torch.view_as_complex``), which is vLLM's GPT-J style
+  rotation (``is_neox_style=False``): the checkpoint's q/k weights are used as stored.
+  With ``use_qk_norm`` q and k are then RMS-normalised over ``head_dim`` without a weight
+  (transformers' ``Llama4TextL2Norm``, eps ``rms_norm_eps``, in fp32). They attend within
+  their ``attention_chunk_size`` chunk of absolute positions (``pos // chunk`` equal),
+  through vLLM's :class:`ChunkedLocalAttention`.
+* NoPE layers attend globally and, with ``attn_temperature_tuning``, scale q per token
+  (:func:`attention_temperature`).
+
+Shapes on one tensor-parallel rank, T tokens: q ``[T, H_local * D]``, k/v
+``[T, KV_local * D]``, positions ``[T]`` (absolute, per request).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vllm.config import CacheConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.attention import Attention, ChunkedLocalAttention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.layers.rotary_embedding import get_rope
+
+from vllm_laguna.configs.llama4 import Llama4Arch
+
+
+def attention_temperature(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
+    """``log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1`` per token, fp32 ``[T, 1]``.
+
+    The same ops in the same order as transformers (fp32, ``log1p``), so the scale is
+    bit-identical; 1.0 below ``floor_scale - 1``, growing logarithmically after.
+    """
+    scale = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+    return scale.unsqueeze(-1)
+
+
+class Llama4Attention(nn.Module):
+    def __init__(
+        self,
+        arch: Llama4Arch,
+        layer: int,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+    ):
+        super().__init__()
+        tp_size = get_tensor_model_parallel_world_size()
+        if arch.num_heads % tp_size:
+            raise ValueError(
+                f"num_attention_heads={arch.num_heads} is not divisible by tensor_parallel_size={tp_size}"
+            )
+        if arch.num_kv_heads % tp_size and tp_size % arch.num_kv_heads:
+            raise ValueError(
+                f"num_key_value_heads={arch.num_kv_heads} and tensor_parallel_size={tp_size}: "
+                "one must divide the other"
+            )
+        self.head_dim = arch.head_dim
+        self.num_heads = arch.num_heads // tp_size
+        self.num_kv_heads = max(1, arch.num_kv_heads // tp_size)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+
+        self.qkv_proj = QKVParallelLinear(
+            arch.hidden_size,
+            arch.head_dim,
+            arch.num_heads,
+            arch.num_kv_heads,
+            bias=arch.attention_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = RowParallelLinear(
+            arch.num_heads * arch.head_dim,
+            arch.hidden_size,
+            bias=arch.attention_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.o_proj",
+        )
+        self.rotary_emb = (
+            get_rope(
+                arch.head_dim,
+                max_position=arch.max_position_embeddings,
+                is_neox_style=False,  # complex pairs (2j, 2j + 1), as transformers
+                rope_parameters=arch.rope,
+            )
+            if arch.uses_rope[layer]
+            else None
+        )
+        self.qk_norm = RMSNorm(arch.head_dim, eps=arch.rms_norm_eps, has_weight=False) if arch.qk_norm(layer) else None
+        self.temperature = (arch.floor_scale, arch.attn_scale) if arch.temperature(layer) else None
+
+        common = dict(
+            num_kv_heads=self.num_kv_heads,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            prefix=f"{prefix}.attn",
+        )
+        chunk = arch.chunk_size(layer)
+        if chunk is not None:
+            self.attn = ChunkedLocalAttention(
+                self.num_heads, arch.head_dim, arch.head_dim**-0.5, attention_chunk_size=chunk, **common
+            )
+        else:
+            self.attn = Attention(self.num_heads, arch.head_dim, arch.head_dim**-0.5, **common)
+
+    def _norm_heads(self, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+        return self.qk_norm(x.reshape(-1, num_heads, self.head_dim)).view(x.shape)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.rotary_emb is not None:
+            q, k = self.rotary_emb(positions, q, k)
+        if self.qk_norm is not None:
+            q = self._norm_heads(q, self.num_heads)
+            k = self._norm_heads(k, self.num_kv_heads)
+        if self.temperature is not None:
+            q = (q * attention_temperature(positions, *self.temperature)).to(q.dtype)
+        out = self.attn(q, k, v)
+        out, _ = self.o_proj(out)
+        return out
