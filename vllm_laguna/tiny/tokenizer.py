@@ -1,20 +1,26 @@
 """A small byte-level BPE tokenizer with Laguna's special tokens, trained on the fly.
 
-Ids 0..31 are special tokens laid out as in poolside/Laguna-XS.2 (``〈|EOS|〉``=2 is BOS and
+Ids 0..31 are added tokens laid out as in poolside/Laguna-XS.2 (``〈|EOS|〉``=2 is BOS and
 EOS, ``<think>``=18, ``</think>``=19, ``<assistant>``=23, ``</assistant>``=24, ``<tool_call>``
 and ``</tool_call>`` single tokens); ``<arg_key>``, ``<arg_value>``, ``<system>``, ``<user>``,
 ``<tool_response>`` are plain text and so span several tokens, as in the real tokenizer.
 Training is deterministic: the same corpus and size always give the same vocabulary.
+
+Which added tokens are *special* (dropped by ``decode(..., skip_special_tokens=True)``, vLLM's
+default): ``〈|EOS|〉``, ``<assistant>``, ``</assistant>``, padding and the reserved fillers
+always. ``<think>``, ``</think>``, ``<tool_call>``, ``</tool_call>`` are plain added tokens by
+default, as most plausibly in XS.2 (vLLM's in-tree Poolside parsers read them from text
+decoded with the default flags, and note that they "are not marked as special");
+``special_markers=True`` makes them special, the harder case for the parsers, which then
+have to ask for ``skip_special_tokens=False`` themselves.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-EOS = "〈|EOS|〉"
-THINK, END_THINK = "<think>", "</think>"
-ASSISTANT, END_ASSISTANT = "<assistant>", "</assistant>"
-TOOL_CALL, END_TOOL_CALL = "<tool_call>", "</tool_call>"
+from vllm_laguna.laguna_format import ASSISTANT, END_ASSISTANT, END_THINK, END_TOOL_CALL, EOS, THINK, TOOL_CALL
 
 #: id -> token for the ids XS.2 fixes; the remaining ids below 32 are reserved fillers.
 SPECIAL_IDS = {
@@ -49,12 +55,26 @@ def special_tokens() -> list[str]:
     return [SPECIAL_IDS.get(i, f"<|reserved_{i}|>") for i in range(NUM_SPECIAL)]
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> int:
+#: added tokens that are special only with ``special_markers=True``
+MARKERS = (THINK, END_THINK, TOOL_CALL, END_TOOL_CALL)
+
+
+def build_tokenizer(
+    out_dir: str | Path,
+    vocab_size: int = 512,
+    *,
+    special_markers: bool = False,
+    extra_tokens: Sequence[str] = (),
+) -> int:
     """Train and save the tokenizer (``tokenizer.json`` + config with the chat template).
 
-    Returns the tokenizer's length, which the model's vocabulary must cover.
+    ``extra_tokens`` are appended as plain added tokens (ids from the trained vocabulary's
+    size on), e.g. the pieces of a scripted checkpoint. Returns the tokenizer's length,
+    which the model's vocabulary must cover.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
@@ -69,6 +89,13 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> int:
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
     for token_id, token in SPECIAL_IDS.items():
         assert tok.token_to_id(token) == token_id, (token, tok.token_to_id(token))
+    if not special_markers:  # the trainer adds every reserved token as special
+        spec = json.loads(tok.to_str())
+        for added in spec["added_tokens"]:
+            if added["content"] in MARKERS:
+                added["special"] = False
+        tok = Tokenizer.from_str(json.dumps(spec))
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in extra_tokens])
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -76,7 +103,7 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> int:
         eos_token=EOS,
         pad_token=SPECIAL_IDS[0],
         unk_token=SPECIAL_IDS[1],
-        additional_special_tokens=[THINK, END_THINK, TOOL_CALL, END_TOOL_CALL, ASSISTANT, END_ASSISTANT],
+        additional_special_tokens=[ASSISTANT, END_ASSISTANT, *(MARKERS if special_markers else ())],
         clean_up_tokenization_spaces=False,
     )
     fast.chat_template = CHAT_TEMPLATE

@@ -1,0 +1,1 @@
+"""The ``laguna`` reasoning parser (registered lazily by :func:`vllm_laguna.register`)."""
