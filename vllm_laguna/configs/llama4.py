@@ -199,8 +199,9 @@ def check_chunk_fits_kv_blocks(arch: Llama4Arch, block_size: int | None) -> None
     raise ConfigError(
         MODEL,
         "attention_chunk_size",
-        f"a multiple of the KV-cache block size {block_size} (vLLM's chunked local attention "
-        "pages whole blocks; the CPU backend's block size is 128, set with --block-size)",
+        f"a multiple of the KV-cache block size, {block_size} here (vLLM's chunked local "
+        "attention works in whole KV blocks; a smaller --block-size / block_size dividing the "
+        "chunk also works, on CPU a multiple of 32)",
         chunk,
     )
 
