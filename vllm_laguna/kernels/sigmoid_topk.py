@@ -1,4 +1,4 @@
-"""Sigmoid top-k MoE routing: the torch reference (Laguna and Llama 4 variants).
+"""Sigmoid top-k MoE routing (Laguna and Llama 4 variants): torch reference and dispatch.
 
 Laguna (sigmoid + selection bias, DeepSeek-V3 "noaux" style):
 ``softcap -> sigmoid -> top-k of (score + bias) -> unbiased scores of the chosen ->
@@ -18,6 +18,13 @@ Contract shared with the fused kernels that sit beside this reference:
 from __future__ import annotations
 
 import torch
+
+from vllm_laguna.kernels.dispatch import register_op, run_fused, use_triton
+
+# The fused kernel's limits (a row's keys live in one warp's registers, k max-steps);
+# larger shapes run the reference.
+MAX_FUSED_EXPERTS = 512
+MAX_FUSED_TOP_K = 32
 
 
 def _topk_lowest_index(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -57,3 +64,74 @@ def llama4_topk_reference(logits: torch.Tensor, top_k: int) -> tuple[torch.Tenso
     ids = _topk_lowest_index(logits, top_k)
     weights = torch.nan_to_num(torch.sigmoid(logits.gather(1, ids)), nan=0.0)
     return weights, ids.to(torch.int32)
+
+
+
+def _fused_sigmoid_topk(
+    logits: torch.Tensor,
+    correction_bias: torch.Tensor | None,
+    top_k: int,
+    softcap: float,
+    routed_scaling_factor: float,
+    renormalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from vllm_laguna.kernels.sigmoid_topk_triton import fused_topk
+
+    return fused_topk(logits, correction_bias, top_k, softcap, routed_scaling_factor, renormalize, False)
+
+
+def _fused_llama4_topk(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from vllm_laguna.kernels.sigmoid_topk_triton import fused_topk
+
+    return fused_topk(logits, None, top_k, 0.0, 1.0, False, True)
+
+
+def _routing_outputs(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (logits.shape[0], top_k)
+    return logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.int32)
+
+
+_sigmoid_topk_op = register_op(
+    "sigmoid_topk",
+    "(Tensor logits, Tensor? correction_bias, int top_k, float softcap, "
+    "float routed_scaling_factor, bool renormalize) -> (Tensor, Tensor)",
+    _fused_sigmoid_topk,
+    lambda logits, correction_bias, top_k, softcap, scale, renormalize: _routing_outputs(logits, top_k),
+)
+_llama4_topk_op = register_op(
+    "llama4_topk",
+    "(Tensor logits, int top_k) -> (Tensor, Tensor)",
+    _fused_llama4_topk,
+    _routing_outputs,
+)
+
+
+def _fused_path(logits: torch.Tensor, top_k: int) -> bool:
+    if logits.dim() != 2:
+        raise ValueError(f"router logits must be [tokens, experts], got shape {tuple(logits.shape)}")
+    num_experts = logits.shape[1]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+    return use_triton(logits) and num_experts <= MAX_FUSED_EXPERTS and top_k <= MAX_FUSED_TOP_K
+
+
+def sigmoid_topk(
+    logits: torch.Tensor,
+    correction_bias: torch.Tensor | None,
+    top_k: int,
+    softcap: float = 0.0,
+    routed_scaling_factor: float = 1.0,
+    renormalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Laguna routing: the fused kernel where it runs (see ``dispatch``), else the reference."""
+    if _fused_path(logits, top_k):
+        args = (logits, correction_bias, top_k, float(softcap), float(routed_scaling_factor), renormalize)
+        return run_fused(_sigmoid_topk_op, _fused_sigmoid_topk, *args)
+    return sigmoid_topk_reference(logits, correction_bias, top_k, softcap, routed_scaling_factor, renormalize)
+
+
+def llama4_topk(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama 4 routing: the fused kernel where it runs (see ``dispatch``), else the reference."""
+    if _fused_path(logits, top_k):
+        return run_fused(_llama4_topk_op, _fused_llama4_topk, logits, top_k)
+    return llama4_topk_reference(logits, top_k)
