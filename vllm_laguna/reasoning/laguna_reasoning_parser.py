@@ -61,7 +61,7 @@ class LagunaReasoningParser(ReasoningParser):
             self._configured_thinking if self._configured_thinking is not None else template_thinks(tokenizer)
         )
         self._markers_special = any(is_special_token(tokenizer, m) for m in _TEXT_MARKERS)
-        self._stream = ReasoningSplitter(self._thinking, handoff=True)
+        self._stream = ReasoningSplitter(self._thinking)
         self._stream_started = False
 
     @property
@@ -90,15 +90,22 @@ class LagunaReasoningParser(ReasoningParser):
         return marker != self._think_id
 
     def is_reasoning_end_streaming(self, input_ids: Sequence[int], delta_ids: Iterable[int]) -> bool:
-        # only the delta: the caller stops asking once this says True
-        return self._stream.ended or any(token_id in self._end_ids for token_id in delta_ids)
+        # The serving layer asks right after extract_reasoning_streaming: the text decides
+        # (a block re-opened later in the same delta keeps the reasoning going). The engine
+        # core's instance sees no text: the delta's ids decide; it stops asking once True.
+        if self._stream_started:
+            return self._stream.ended
+        return any(token_id in self._end_ids for token_id in delta_ids)
 
     def extract_content_ids(self, input_ids: list[int]) -> list[int]:
+        start = None
         for i, token_id in enumerate(input_ids):
-            if token_id == self._end_think_id:
-                return list(input_ids[i + 1 :])
             if token_id == self._tool_call_id:
                 return list(input_ids[i:])
+            if token_id == self._end_think_id:
+                start = i + 1
+        if start is not None:
+            return list(input_ids[start:])
         return list(input_ids) if self._stream.ended else []
 
     def count_reasoning_tokens(self, token_ids: Sequence[int]) -> int:
@@ -128,7 +135,7 @@ class LagunaReasoningParser(ReasoningParser):
         marker = self._turn_marker(prompt_token_ids)
         if marker is not None:
             self._thinking = marker == self._think_id
-            self._stream = ReasoningSplitter(self._thinking, handoff=True)
+            self._stream = ReasoningSplitter(self._thinking)
 
     def adjust_request(self, request: ChatCompletionRequest | ResponsesRequest) -> ChatCompletionRequest | ResponsesRequest:
         # the parsers read the markers from the decoded text: keep them if they are special

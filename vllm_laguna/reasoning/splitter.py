@@ -31,23 +31,19 @@ class Phase(enum.Enum):
 
 
 class ReasoningSplitter:
-    """Routes text pieces to reasoning or content; one instance per output.
+    """Routes text pieces to reasoning or content; one instance per output."""
 
-    ``handoff``: once the first reasoning block ends, return the rest of that piece as
-    content verbatim, for the next parser (vLLM switches to the tool parser exactly there).
-    """
-
-    def __init__(self, thinking: bool, *, handoff: bool = False):
+    def __init__(self, thinking: bool):
         self.phase = Phase.REASONING if thinking else Phase.OPENING
-        self._handoff = handoff
-        self._ended = False
+        self._closed_a_block = False
         self._at_start = thinking
         self._held = ""
 
     @property
     def ended(self) -> bool:
-        """True once a reasoning block has ended or content has begun."""
-        return self._ended or self.phase is Phase.CONTENT
+        """True when the text so far has left the reasoning: content has begun, or a block
+        has ended and no other has opened (yet)."""
+        return self.phase is Phase.CONTENT or (self.phase is Phase.OPENING and self._closed_a_block)
 
     def feed(self, text: str, *, hold_partial: bool = True) -> tuple[str, str]:
         """Consume ``text``; return the (reasoning, content) it decides.
@@ -96,10 +92,7 @@ class ReasoningSplitter:
             reasoning.append(buf[:index])
             buf = buf[index + len(END_THINK) :] if marker == END_THINK else buf[index:]
             self.phase = Phase.OPENING if marker == END_THINK else Phase.CONTENT
-            if self._handoff and not self._ended:
-                content.append(buf)
-                buf = ""
-            self._ended = True
+            self._closed_a_block = True
         return "".join(reasoning), "".join(content)
 
     def finish(self) -> tuple[str, str]:
