@@ -34,11 +34,14 @@ def parse_raw(**overrides):
 
 
 LAYOUT_FORMS = {
-    "scout-empty-no-rope-list": dict(no_rope_layers=[], no_rope_layer_interval=4, interleave_moe_layer_step=1),
+    "scout-empty-no-rope-list": dict(
+        no_rope_layers=[], no_rope_layer_interval=4, interleave_moe_layer_step=1
+    ),
     "interval-2-step-2": dict(no_rope_layers=[], no_rope_layer_interval=2, interleave_moe_layer_step=2),
     "explicit-lists": dict(no_rope_layers=[1, 1, 0, 1], moe_layers=[0, 2]),
     "explicit-layer-types": dict(
-        no_rope_layers=[1, 0, 1, 0], layer_types=["full_attention", "full_attention", "chunked_attention", "full_attention"]
+        no_rope_layers=[1, 0, 1, 0],
+        layer_types=["full_attention", "full_attention", "chunked_attention", "full_attention"],
     ),
 }
 
@@ -103,9 +106,12 @@ BAD_FIELDS = {
     "hidden_act": (dict(hidden_act="gelu"), '"silu"'),
     "num_key_value_heads": (dict(num_key_value_heads=3), "a divisor of num_attention_heads=4"),
     "head_dim": (dict(head_dim=33), "a positive even integer"),
-    "rope_scaling.rope_type": (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "'default' or 'llama3'"),
+    "rope_scaling.rope_type": (
+        dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+        "'default' or 'llama3'",
+    ),
     "rope_scaling.low_freq_factor": (
-        dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 256}),
+        dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0}),
         "a positive number",
     ),
     "intermediate_size_mlp": (dict(intermediate_size_mlp=None), "a positive integer"),
@@ -131,7 +137,8 @@ def test_chunk_must_be_a_multiple_of_the_block_size():
     arch = parse_raw(attention_chunk_size=192)
     check_chunk_fits_kv_blocks(arch, 64)
     check_chunk_fits_kv_blocks(arch, 16)
-    with pytest.raises(ConfigError, match=r"`attention_chunk_size`: expected a multiple of the KV-cache block size, 128"):
+    expected = r"`attention_chunk_size`: expected a multiple of the KV-cache block size, 128"
+    with pytest.raises(ConfigError, match=expected):
         check_chunk_fits_kv_blocks(arch, 128)
     # no chunked layer: the chunk size is never used
     check_chunk_fits_kv_blocks(parse_raw(attention_chunk_size=192, layer_types=["full_attention"] * 4), 128)

@@ -94,7 +94,9 @@ class Llama4Attention(nn.Module):
             if arch.uses_rope[layer]
             else None
         )
-        self.qk_norm = RMSNorm(arch.head_dim, eps=arch.rms_norm_eps, has_weight=False) if arch.qk_norm(layer) else None
+        self.qk_norm = (
+            RMSNorm(arch.head_dim, eps=arch.rms_norm_eps, has_weight=False) if arch.qk_norm(layer) else None
+        )
         self.temperature = (arch.floor_scale, arch.attn_scale) if arch.temperature(layer) else None
 
         common = dict(

@@ -5,11 +5,12 @@ transformers (``Llama4TextMoe``): ``logits = router(x)``; for each of the top-k 
 *input*; no renormalisation), summed, plus ``shared_expert(x)``. Experts and the shared
 expert are SwiGLU of width ``intermediate_size``.
 
-vLLM's fused-MoE layer scales the input by the router weight
-(``apply_router_weight_on_input=True``, honoured by the CPU and Triton experts alike) but
-only for one expert per row. Since a SwiGLU expert is not linear in its input scale, top-k
-cannot be folded into one scaled input per token; instead, for ``top_k > 1``, the layer runs
-on one row per (token, choice): :class:`RepeatPerChoice` is the runner's routed-input
+vLLM's fused-MoE layer scales the input by the router weight when built with
+``apply_router_weight_on_input=True`` (its prepare step multiplies the rows, the CPU and
+Triton experts then skip the output weighting), but only for one expert per row: the
+prepare step asserts ``topk == 1``. Since a SwiGLU expert is not linear in its input
+scale, top-k cannot be folded into one scaled input per token; instead, for ``top_k > 1``,
+the layer runs on one row per (token, choice): :class:`RepeatPerChoice` is the runner's routed-input
 transform, :class:`~vllm_laguna.model_executor.layers.routing.Llama4TopKRouter` routes
 each row to its one expert with its weight, and :class:`SumPerToken` (the routed-output
 transform) adds a token's rows back up before the shared expert's output joins them. The

@@ -57,8 +57,8 @@ class Llama4TopKRouter(BaseRouter):
 
     The weights scale the expert *input* (the layer is built with
     ``apply_router_weight_on_input=True``): expert ``e`` sees ``x * sigmoid(logit_e)``.
-    vLLM applies input weights for one expert per row only (``topk == 1``, asserted by its
-    prepare step on every backend), so the layer always routes one expert per row, and for
+    vLLM applies input weights for one expert per row only (its prepare step asserts
+    ``topk == 1``), so the layer always routes one expert per row, and for
     ``top_k > 1`` each row is one (token, choice) pair: the runner's input transform repeats
     every token ``top_k`` times (row ``t * top_k + j``) and this router returns the routing of
     those rows, ``[T * top_k, 1]``, from the tokens' logits ``[T, E]``. With ``top_k == 1``
