@@ -66,7 +66,6 @@ def llama4_topk_reference(logits: torch.Tensor, top_k: int) -> tuple[torch.Tenso
     return weights, ids.to(torch.int32)
 
 
-
 def _fused_sigmoid_topk(
     logits: torch.Tensor,
     correction_bias: torch.Tensor | None,
