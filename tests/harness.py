@@ -41,8 +41,10 @@ def hf_greedy(
     max_new_tokens: int = 32,
     dtype: torch.dtype = torch.float32,
     model_cls=None,
+    num_logprobs: int = 5,
 ) -> list[Greedy]:
-    """Greedy decoding with transformers' model class for the checkpoint (KV cache on)."""
+    """Greedy decoding with transformers' model class for the checkpoint (KV cache on);
+    ``Greedy.top5`` holds the ``num_logprobs`` best tokens of each step."""
     from transformers import AutoModelForCausalLM
 
     model = (model_cls or AutoModelForCausalLM).from_pretrained(str(model_dir), dtype=dtype)
@@ -54,7 +56,7 @@ def hf_greedy(
         greedy = Greedy(tokens=[])
         for step in range(max_new_tokens):
             logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-            top = torch.topk(logprobs, 5)
+            top = torch.topk(logprobs, num_logprobs)
             greedy.top5.append(dict(zip(top.indices.tolist(), top.values.tolist())))
             token = int(top.indices[0])
             greedy.tokens.append(token)
@@ -76,6 +78,20 @@ def vllm_greedy(
     **llm_kwargs,
 ) -> list[Greedy]:
     """Greedy decoding with vLLM's offline ``LLM`` on this plugin; all prompts in one batch."""
+    return vllm_run(model_dir, prompts, max_new_tokens, dtype, **llm_kwargs)[0]
+
+
+def vllm_run(
+    model_dir: str | Path,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 32,
+    dtype: str = "float32",
+    inspect=None,
+    num_logprobs: int = 5,
+    **llm_kwargs,
+):
+    """:func:`vllm_greedy`, and ``inspect(model)`` run on the loaded model (via
+    ``LLM.apply_model``) before generating. Returns ``(greedy results, inspect result)``."""
     from vllm import LLM, SamplingParams
 
     kwargs = dict(
@@ -90,7 +106,10 @@ def vllm_greedy(
     kwargs.update(llm_kwargs)
     llm = LLM(**kwargs)
     try:
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, logprobs=5, ignore_eos=True)
+        inspected = llm.apply_model(inspect)[0] if inspect is not None else None
+        params = SamplingParams(
+            temperature=0.0, max_tokens=max_new_tokens, logprobs=num_logprobs, ignore_eos=True
+        )
         outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
     finally:
         shutdown(llm)
@@ -99,10 +118,10 @@ def vllm_greedy(
         completion = output.outputs[0]
         top5 = []
         for step in completion.logprobs:
-            ranked = sorted(step.items(), key=lambda kv: kv[1].rank)[:5]
+            ranked = sorted(step.items(), key=lambda kv: kv[1].rank)[:num_logprobs]
             top5.append({tok: lp.logprob for tok, lp in ranked})
         results.append(Greedy(tokens=list(completion.token_ids), top5=top5))
-    return results
+    return results, inspected
 
 
 def shutdown(llm) -> None:
