@@ -32,7 +32,7 @@ from vllm.model_executor.layers.quantization import QuantizationConfig
 
 from vllm_laguna.configs.llama4 import Llama4Arch
 from vllm_laguna.model_executor.layers.routing import Llama4TopKRouter
-from vllm_laguna.model_executor.models.laguna import LagunaMLP as SwiGLU
+from vllm_laguna.model_executor.layers.swiglu import SwiGLU
 
 
 class RepeatPerChoice(nn.Module):

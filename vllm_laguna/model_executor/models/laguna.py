@@ -23,56 +23,18 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
-from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.fused_moe import FusedMoEFactory, GateLinear
 from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.models.interfaces import SupportsQuant
-from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
-from vllm.sequence import IntermediateTensors
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
 from vllm_laguna.configs.laguna import LagunaArch, parse_laguna_config
 from vllm_laguna.model_executor.checkpoint import CheckpointAudit
 from vllm_laguna.model_executor.layers.gated_attention import GatedAttention
 from vllm_laguna.model_executor.layers.routing import SigmoidTopKRouter
-
-
-class LagunaMLP(nn.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``; gate and up fused column-parallel."""
-
-    def __init__(
-        self,
-        hidden_size: int,
-        intermediate_size: int,
-        quant_config: QuantizationConfig | None,
-        reduce_results: bool = True,
-        prefix: str = "",
-    ):
-        super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(
-            hidden_size,
-            [intermediate_size] * 2,
-            bias=False,
-            quant_config=quant_config,
-            prefix=f"{prefix}.gate_up_proj",
-        )
-        self.down_proj = RowParallelLinear(
-            intermediate_size,
-            hidden_size,
-            bias=False,
-            quant_config=quant_config,
-            reduce_results=reduce_results,
-            prefix=f"{prefix}.down_proj",
-        )
-        self.act_fn = SiluAndMul()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up, _ = self.gate_up_proj(x)
-        out, _ = self.down_proj(self.act_fn(gate_up))
-        return out
+from vllm_laguna.model_executor.layers.swiglu import SwiGLU
+from vllm_laguna.model_executor.models.causal_lm import CausalLM, DecoderModel
 
 
 class LagunaSparseMoeBlock(nn.Module):
@@ -102,7 +64,7 @@ class LagunaSparseMoeBlock(nn.Module):
             torch.zeros(arch.num_experts, dtype=torch.float32), requires_grad=False
         )
         self.shared_expert = (
-            LagunaMLP(
+            SwiGLU(
                 arch.hidden_size,
                 arch.shared_expert_intermediate_size,
                 quant_config,
@@ -151,7 +113,7 @@ class LagunaDecoderLayer(nn.Module):
         if arch.mlp_layer_types[layer] == "sparse":
             self.mlp = LagunaSparseMoeBlock(arch, quant_config, prefix=f"{prefix}.mlp")
         else:
-            self.mlp = LagunaMLP(
+            self.mlp = SwiGLU(
                 arch.hidden_size, arch.intermediate_size, quant_config, prefix=f"{prefix}.mlp"
             )
         self.input_layernorm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps)
@@ -171,7 +133,7 @@ class LagunaDecoderLayer(nn.Module):
 
 
 @support_torch_compile
-class LagunaModel(nn.Module):
+class LagunaModel(DecoderModel):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         arch = parse_laguna_config(vllm_config.model_config.hf_text_config)
@@ -185,27 +147,11 @@ class LagunaModel(nn.Module):
         )
         self.norm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps)
 
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate_tensors: IntermediateTensors | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
-
-
-class LagunaForCausalLM(nn.Module, SupportsQuant):
+class LagunaForCausalLM(CausalLM):
     """vLLM entry point for ``LagunaForCausalLM`` checkpoints (Hub or transformers layout)."""
 
+    model_cls = LagunaModel
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],
@@ -228,35 +174,6 @@ class LagunaForCausalLM(nn.Module, SupportsQuant):
             ".mlp.up_proj": (".mlp.gate_up_proj", 1),
         },
     )
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        super().__init__()
-        self.model = LagunaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        arch = self.model.arch
-        self.lm_head = ParallelLMHead(
-            arch.vocab_size,
-            arch.hidden_size,
-            quant_config=vllm_config.quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
-        if arch.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor(arch.vocab_size)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_input_ids(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate_tensors: IntermediateTensors | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         audit = CheckpointAudit(laguna_checkpoint_keys(self.model.arch))

@@ -25,17 +25,15 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.models.interfaces import SupportsQuant
-from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
-from vllm.sequence import IntermediateTensors
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
 from vllm_laguna.configs.llama4 import Llama4Arch, check_chunk_fits_kv_blocks, parse_llama4_config
 from vllm_laguna.model_executor.checkpoint import CheckpointAudit
 from vllm_laguna.model_executor.layers.llama4_attention import Llama4Attention
 from vllm_laguna.model_executor.layers.llama4_moe import Llama4MoE
-from vllm_laguna.model_executor.models.laguna import LagunaMLP as SwiGLU
+from vllm_laguna.model_executor.layers.swiglu import SwiGLU
+from vllm_laguna.model_executor.models.causal_lm import CausalLM, DecoderModel
 
 
 class Llama4DecoderLayer(nn.Module):
@@ -68,7 +66,7 @@ class Llama4DecoderLayer(nn.Module):
 
 
 @support_torch_compile
-class Llama4Model(nn.Module):
+class Llama4Model(DecoderModel):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         arch = parse_llama4_config(vllm_config.model_config.hf_config)
@@ -83,23 +81,6 @@ class Llama4Model(nn.Module):
         )
         self.norm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps)
 
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate_tensors: IntermediateTensors | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
-
 
 #: where a multimodal checkpoint keeps the text tower, and what else it holds
 MULTIMODAL_PREFIXES = WeightsMapper(
@@ -111,8 +92,10 @@ MULTIMODAL_PREFIXES = WeightsMapper(
 )
 
 
-class Llama4ForCausalLM(nn.Module, SupportsQuant):
+class Llama4ForCausalLM(CausalLM):
     """vLLM entry point for Llama 4 text checkpoints (and multimodal ones' text tower)."""
+
+    model_cls = Llama4Model
 
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
@@ -131,35 +114,6 @@ class Llama4ForCausalLM(nn.Module, SupportsQuant):
             ".feed_forward.up_proj": (".feed_forward.gate_up_proj", 1),
         },
     )
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        super().__init__()
-        self.model = Llama4Model(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        arch = self.model.arch
-        self.lm_head = ParallelLMHead(
-            arch.vocab_size,
-            arch.hidden_size,
-            quant_config=vllm_config.quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
-        if arch.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor(arch.vocab_size)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_input_ids(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate_tensors: IntermediateTensors | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # The audit sees text-model names, whichever layout the checkpoint has.

@@ -1,0 +1,84 @@
+"""The frame every model here shares: token embeddings, a layer stack, a final norm, an LM head.
+
+A model file defines its layers, a ``DecoderModel`` subclass (decorated with
+``@support_torch_compile``) that builds ``arch``, ``embed_tokens``, ``layers`` and ``norm``,
+and a ``CausalLM`` subclass naming it in ``model_cls`` and mapping its checkpoint names.
+"""
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.models.interfaces import SupportsQuant
+from vllm.model_executor.models.utils import maybe_prefix
+from vllm.sequence import IntermediateTensors
+
+
+class DecoderModel(nn.Module):
+    """``embed_tokens -> layers -> norm``; each layer maps ``(positions, hidden, residual)`` to
+    ``(hidden, residual)`` and the final RMSNorm adds the last residual (vLLM's fused add+norm).
+
+    Subclasses set ``arch`` (with ``vocab_size``, ``hidden_size``, ``tie_word_embeddings``),
+    ``embed_tokens``, ``layers`` and ``norm`` in ``__init__(*, vllm_config, prefix)``.
+    """
+
+    arch: object
+    embed_tokens: nn.Module
+    layers: nn.ModuleList
+    norm: nn.Module
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class CausalLM(nn.Module, SupportsQuant):
+    """vLLM's model interface around a :class:`DecoderModel`: LM head (tied or not) and logits."""
+
+    model_cls: ClassVar[type[DecoderModel]]
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        self.model = self.model_cls(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        arch = self.model.arch
+        self.lm_head = ParallelLMHead(
+            arch.vocab_size,
+            arch.hidden_size,
+            quant_config=vllm_config.quant_config,
+            prefix=maybe_prefix(prefix, "lm_head"),
+        )
+        if arch.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(arch.vocab_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
