@@ -6,6 +6,7 @@ go through ``parse``, streams through ``parse_delta``)."""
 from __future__ import annotations
 
 import functools
+import itertools
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,16 +52,18 @@ _keep: list[tempfile.TemporaryDirectory] = []
 
 @functools.lru_cache(maxsize=2)
 def tiny_tokenizer(special_markers: bool = False):
-    """The tiny Laguna tokenizer, loaded as vLLM loads it. ``special_markers``: whether
-    ``<think>``/``</think>``/``<tool_call>``/``</tool_call>`` are special tokens."""
-    from vllm.tokenizers import get_tokenizer
+    """The tiny Laguna tokenizer, wrapped as vLLM wraps a loaded HF tokenizer.
+    ``special_markers``: whether ``<think>``/``</think>``/``<tool_call>``/``</tool_call>``
+    are special tokens."""
+    from transformers import AutoTokenizer
+    from vllm.tokenizers.hf import get_cached_tokenizer
 
     from vllm_laguna.tiny.tokenizer import build_tokenizer
 
     tmp = tempfile.TemporaryDirectory(prefix="laguna-tok-")
     _keep.append(tmp)
     build_tokenizer(tmp.name, 512, special_markers=special_markers)
-    return get_tokenizer(tmp.name)
+    return get_cached_tokenizer(AutoTokenizer.from_pretrained(tmp.name))
 
 
 def token_deltas(tokenizer, text: str) -> list[tuple[str, list[int]]]:
@@ -79,7 +82,7 @@ def group(deltas: Sequence[tuple[str, list[int]]], cuts: Sequence[int]) -> list[
     bounds = sorted({c for c in cuts if 0 < c < len(deltas)} | {0, len(deltas)})
     return [
         ("".join(t for t, _ in deltas[a:b]), [i for _, ids in deltas[a:b] for i in ids])
-        for a, b in zip(bounds, bounds[1:], strict=False)
+        for a, b in itertools.pairwise(bounds)
     ]
 
 
@@ -107,8 +110,9 @@ def prompt_ids(tokenizer, request) -> list[int]:
 def composed_parser_cls(tokenizer, tools: bool = True, reasoning: bool = True):
     """What ``vllm serve --reasoning-parser laguna --tool-call-parser laguna
     --enable-auto-tool-choice`` builds."""
-    import vllm_laguna
     from vllm.parser import ParserManager
+
+    import vllm_laguna
 
     vllm_laguna.register()
     return ParserManager.get_parser(
@@ -140,7 +144,9 @@ def parse_complete(parser_cls, tokenizer, request, output: str) -> Parsed:
     reasoning, content, calls = parser.parse(output, request, enable_auto_tools=True)
     if content is not None and calls and not content.strip():  # what the server returns
         content = None
-    return Parsed(reasoning or "", content or "", [(c.name, c.arguments) for c in calls or []], [c.id for c in calls or []])
+    return Parsed(
+        reasoning or "", content or "", [(c.name, c.arguments) for c in calls or []], [c.id for c in calls or []]
+    )
 
 
 def parse_streamed(

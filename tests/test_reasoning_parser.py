@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from laguna_parsing import chat_request, composed_parser_cls, parse_streamed, prompt_ids, tiny_tokenizer, token_deltas
+
 from vllm_laguna.laguna_format import ARG_KEY, ARG_VALUE, ASSISTANT, END_THINK, THINK, TOOL_CALL
 
 CALL = "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>"
@@ -115,11 +115,17 @@ def test_thinking_default_read_from_the_chat_template(tok):
 
     thinking_first = AutoTokenizer.from_pretrained(tok.name_or_path)
     thinking_first.chat_template = thinking_first.chat_template.replace(
-        "enable_thinking if enable_thinking is defined else false", "enable_thinking if enable_thinking is defined else true"
+        "enable_thinking if enable_thinking is defined else false",
+        "enable_thinking if enable_thinking is defined else true",
     )
-    assert thinking_first.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False).endswith(THINK)
+    assert thinking_first.apply_chat_template(
+        [{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False
+    ).endswith(THINK)
     assert parser_for(thinking_first, None).extract_reasoning("abc</think>def", chat_request()) == ("abc", "def")
-    assert parser_for(thinking_first, False).extract_reasoning("abc</think>def", chat_request()) == (None, "abc</think>def")
+    assert parser_for(thinking_first, False).extract_reasoning("abc</think>def", chat_request()) == (
+        None,
+        "abc</think>def",
+    )
 
 
 def test_prompt_state_looks_back_only_to_the_current_assistant_turn(tok):
@@ -148,8 +154,12 @@ def test_prompt_state_without_markers_follows_the_thinking_mode(tok):
 
 @pytest.mark.parametrize(
     ("name", "first_block"),
-    [("explicit-end", "I should check.\n"), ("implicit-end-at-tool-call", "Need the tool.\n"), ("never-ends", None),
-     ("reopened-after-blanks", "a")],
+    [
+        ("explicit-end", "I should check.\n"),
+        ("implicit-end-at-tool-call", "Need the tool.\n"),
+        ("never-ends", None),
+        ("reopened-after-blanks", "a"),
+    ],
 )
 def test_engine_gate_ends_where_the_text_does(tok, name, first_block):
     """The structured-output gate (token ids, a fresh instance per request, prompt + output
@@ -160,7 +170,9 @@ def test_engine_gate_ends_where_the_text_does(tok, name, first_block):
     gate = parser_for(tok, thinking)
     assert gate.is_reasoning_end(prompt) is False
     out = tok.encode(output, add_special_tokens=False)
-    opened = next((i for i in range(len(out)) if gate.is_reasoning_end_streaming(prompt + out[: i + 1], out[i : i + 1])), None)
+    opened = next(
+        (i for i in range(len(out)) if gate.is_reasoning_end_streaming(prompt + out[: i + 1], out[i : i + 1])), None
+    )
     if first_block is None:
         assert opened is None
         return
@@ -225,7 +237,9 @@ def test_in_tree_poolside_v1_swallows_the_tool_call_and_we_do_not(tok):
 # -- properties --
 
 _TEXT = st.text(alphabet=st.sampled_from(list("ab <>/\n\t_é東🙂\"'{}")), max_size=12)
-_PIECES = st.lists(st.one_of(_TEXT, st.sampled_from([THINK, END_THINK, TOOL_CALL, "</tool_call>", "\n\n"])), max_size=10)
+_PIECES = st.lists(
+    st.one_of(_TEXT, st.sampled_from([THINK, END_THINK, TOOL_CALL, "</tool_call>", "\n\n"])), max_size=10
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -261,7 +275,9 @@ def test_composed_without_tool_parser_matches_complete(tok, pieces, thinking, cu
     parser_cls = composed_parser_cls(tok, tools=False)
     request = chat_request(tools=None, thinking=thinking)
     complete = parse_complete(parser_cls, tok, request, output)
-    streamed = parse_streamed(parser_cls, tok, request, group(token_deltas(tok, output), cuts), prompt_ids(tok, request))
+    streamed = parse_streamed(
+        parser_cls, tok, request, group(token_deltas(tok, output), cuts), prompt_ids(tok, request)
+    )
     assert (streamed.reasoning, streamed.content) == (complete.reasoning, complete.content)
 
 

@@ -9,7 +9,6 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from laguna_parsing import (
     TOOLS,
     chat_request,
@@ -21,6 +20,7 @@ from laguna_parsing import (
     tiny_tokenizer,
     token_deltas,
 )
+
 from vllm_laguna.laguna_format import END_THINK, END_TOOL_CALL, THINK, TOOL_CALL
 from vllm_laguna.tool_parsers.arg_types import ArgumentSchemas, typed_value
 
@@ -43,14 +43,40 @@ CASES = {
         None,
         [("get_weather", {"city": "Paris", "days": 3}), ("write_file", {"path": "a.py", "content": "x"})],
     ),
-    "raw-string": (call("write_file", ("path", "a.py"), ("content", CODE)), None, [("write_file", {"path": "a.py", "content": CODE})]),
-    "string-keeps-blanks": (call("get_weather", ("city", " New York\n")), None, [("get_weather", {"city": " New York\n"})]),
-    "typed-json": (
-        call("get_weather", ("city", "Rome"), ("days", " 7 "), ("options", '{"unit": "C", "detail": [1, 2.5]}'),
-             ("hours", "[9, 12]"), ("metric", "true"), ("when", "tomorrow")),
+    "raw-string": (
+        call("write_file", ("path", "a.py"), ("content", CODE)),
         None,
-        [("get_weather", {"city": "Rome", "days": 7, "options": {"unit": "C", "detail": [1, 2.5]}, "hours": [9, 12],
-                          "metric": True, "when": "tomorrow"})],
+        [("write_file", {"path": "a.py", "content": CODE})],
+    ),
+    "string-keeps-blanks": (
+        call("get_weather", ("city", " New York\n")),
+        None,
+        [("get_weather", {"city": " New York\n"})],
+    ),
+    "typed-json": (
+        call(
+            "get_weather",
+            ("city", "Rome"),
+            ("days", " 7 "),
+            ("options", '{"unit": "C", "detail": [1, 2.5]}'),
+            ("hours", "[9, 12]"),
+            ("metric", "true"),
+            ("when", "tomorrow"),
+        ),
+        None,
+        [
+            (
+                "get_weather",
+                {
+                    "city": "Rome",
+                    "days": 7,
+                    "options": {"unit": "C", "detail": [1, 2.5]},
+                    "hours": [9, 12],
+                    "metric": True,
+                    "when": "tomorrow",
+                },
+            )
+        ],
     ),
     "python-literals": (
         call("get_weather", ("city", "Oslo"), ("options", "{'unit': 'C'}"), ("metric", "True"), ("hours", "(1, 2)")),
@@ -62,14 +88,22 @@ CASES = {
         None,
         [("get_weather", {"city": "Lima", "days": "three", "hours": "NaN"})],
     ),
-    "untyped-tool": (call("lookup", ("q", "42"), ("text", "hello world")), None, [("lookup", {"q": 42, "text": "hello world"})]),
+    "untyped-tool": (
+        call("lookup", ("q", "42"), ("text", "hello world")),
+        None,
+        [("lookup", {"q": 42, "text": "hello world"})],
+    ),
     "enum-string": (call("write_file", ("mode", "a")), None, [("write_file", {"mode": "a"})]),
     "no-arguments": ("<tool_call>get_time\n</tool_call>", None, [("get_time", {})]),
     "no-newlines": (call("get_weather", ("city", "Paris"), sep=""), None, [("get_weather", {"city": "Paris"})]),
     "text-after-calls": (WEATHER + "\nDone.", "\nDone.", [("get_weather", {"city": "Paris", "days": 3})]),
     # malformed: never raises, what is not a call stays content
     "invalid-name": (call("get weather now", ("a", "1")), call("get weather now", ("a", "1")), []),
-    "json-instead-of-xml": ('<tool_call>{"name": "get_weather"}</tool_call>', '<tool_call>{"name": "get_weather"}</tool_call>', []),
+    "json-instead-of-xml": (
+        '<tool_call>{"name": "get_weather"}</tool_call>',
+        '<tool_call>{"name": "get_weather"}</tool_call>',
+        [],
+    ),
     "empty-block": ("a<tool_call></tool_call>b", "a<tool_call></tool_call>b", []),
     "stray-closing-tag": ("Hello </tool_call> world", "Hello </tool_call> world", []),
     "cut-off": ("Sure " + WEATHER[:-30], "Sure " + WEATHER[:-30], []),
@@ -147,9 +181,13 @@ def test_streamed_token_by_token_through_vllm(tok, name, thinking):
     parser_cls = composed_parser_cls(tok)
     request = chat_request(thinking=thinking)
     complete = parse_complete(parser_cls, tok, request, output)
-    assert complete.calls == as_expected(calls)
+    assert (complete.content, complete.calls) == (content or "", as_expected(calls))
     streamed = parse_streamed(parser_cls, tok, request, token_deltas(tok, output), prompt_ids(tok, request))
-    assert (streamed.reasoning, streamed.content, streamed.calls) == (complete.reasoning, complete.content, complete.calls)
+    assert (streamed.reasoning, streamed.content, streamed.calls) == (
+        complete.reasoning,
+        complete.content,
+        complete.calls,
+    )
     assert len(set(streamed.ids)) == len(calls)
 
 
@@ -180,7 +218,9 @@ def test_cut_off_call_streams_valid_json(tok):
     output = "<tool_call>write_file\n<arg_key>content</arg_key>\n<arg_value>abc def"
     parser_cls = composed_parser_cls(tok)
     request = chat_request(thinking=False)
-    streamed = parse_streamed(parser_cls, tok, request, token_deltas(tok, output), prompt_ids(tok, request), end_of_turn=False)
+    streamed = parse_streamed(
+        parser_cls, tok, request, token_deltas(tok, output), prompt_ids(tok, request), end_of_turn=False
+    )
     assert [(n, json.loads(a)) for n, a in streamed.calls] == [("write_file", {"content": "abc def"})]
 
 
@@ -190,7 +230,9 @@ def test_required_tool_choice_parses_the_xml(tok):
     assert parse_complete(parser_cls, tok, request, WEATHER).calls == as_expected(CASES["single"][2])
 
 
-@pytest.mark.parametrize(("tools", "tool_choice", "keeps"), [(TOOLS, "auto", True), (TOOLS, "none", False), (None, None, False)])
+@pytest.mark.parametrize(
+    ("tools", "tool_choice", "keeps"), [(TOOLS, "auto", True), (TOOLS, "none", False), (None, None, False)]
+)
 @pytest.mark.parametrize("special", [False, True])
 def test_adjust_request_keeps_tool_call_tokens(special, tools, tool_choice, keeps):
     tok = tiny_tokenizer(special_markers=special)
@@ -208,14 +250,28 @@ def test_model_opened_think_with_thinking_off_streams_as_reasoning(tok):
     streamed = parse_streamed(parser_cls, tok, request, token_deltas(tok, output), prompt_ids(tok, request))
     assert (streamed.reasoning, streamed.content, streamed.calls) == ("\nhmm\n", "", as_expected(CASES["single"][2]))
     complete = parse_complete(parser_cls, tok, request, output)
-    assert (complete.reasoning, complete.content, complete.calls) == (streamed.reasoning, streamed.content, streamed.calls)
+    assert (complete.reasoning, complete.content, complete.calls) == (
+        streamed.reasoning,
+        streamed.content,
+        streamed.calls,
+    )
 
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("3", 3), (" -2.5 ", -2.5), ("[1, {\"a\": null}]", [1, {"a": None}]), ("None", None), ("'x'", "x"),
-     ("{'a': (1, 2)}", {"a": [1, 2]}), ("{1, 2}", "{1, 2}"), ("1e400", "1e400"), ("Infinity", "Infinity"), ("abc", "abc"),
-     ("\n text \n", "\n text \n")],
+    [
+        ("3", 3),
+        (" -2.5 ", -2.5),
+        ('[1, {"a": null}]', [1, {"a": None}]),
+        ("None", None),
+        ("'x'", "x"),
+        ("{'a': (1, 2)}", {"a": [1, 2]}),
+        ("{1, 2}", "{1, 2}"),
+        ("1e400", "1e400"),
+        ("Infinity", "Infinity"),
+        ("abc", "abc"),
+        ("\n text \n", "\n text \n"),
+    ],
 )
 def test_typed_value(text, value):
     assert typed_value(text) == value
@@ -223,31 +279,66 @@ def test_typed_value(text, value):
 
 def test_string_parameters_from_schema():
     schemas = ArgumentSchemas(chat_request().tools)
-    assert [schemas.is_string("get_weather", k) for k in ("city", "days", "when", "options", "nope")] == [True, False, True, False, False]
+    assert [schemas.is_string("get_weather", k) for k in ("city", "days", "when", "options", "nope")] == [
+        True,
+        False,
+        True,
+        False,
+        False,
+    ]
     assert schemas.is_string("write_file", "mode") and not schemas.is_string("lookup", "q")
-    anyof = ArgumentSchemas(chat_request(tools=[{"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"s": {"anyOf": [{"type": "string"}, {"type": "null"}]}, "n": {"anyOf": [{"type": "string"}, {"type": "integer"}]}}}}}]).tools)
+    anyof = ArgumentSchemas(
+        chat_request(
+            tools=[
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "f",
+                        "parameters": {
+                            "type": "object",
+                            "properties": {
+                                "s": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                                "n": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                            },
+                        },
+                    },
+                }
+            ]
+        ).tools
+    )
     assert anyof.is_string("f", "s") and not anyof.is_string("f", "n")
 
 
 # -- properties --
 
 _SOUP = st.text(alphabet=list("ab \n<>/é東🙂{}\"'"), max_size=10)
-_VALUE = st.one_of(_SOUP, st.sampled_from(["3", " 7 ", "[1, 2]", '{"a": 1}', "True", "NaN", "null", "{'x': (1, 2)}", ""]))
+_VALUE = st.one_of(
+    _SOUP, st.sampled_from(["3", " 7 ", "[1, 2]", '{"a": 1}', "True", "NaN", "null", "{'x': (1, 2)}", ""])
+)
 _ARG = st.builds(
     lambda k, v, sep: f"<arg_key>{k}</arg_key>{sep}<arg_value>{v}</arg_value>{sep}",
-    st.sampled_from(["city", "days", "content", "options", "q", "when"]), _VALUE, st.sampled_from(["\n", "", " "]),
+    st.sampled_from(["city", "days", "content", "options", "q", "when"]),
+    _VALUE,
+    st.sampled_from(["\n", "", " "]),
 )
 _CALL = st.builds(
     lambda name, sep, args, junk: f"<tool_call>{name}{sep}{junk}{''.join(args)}</tool_call>",
-    st.sampled_from(["get_weather", "write_file", "lookup", "get weather", ""]), st.sampled_from(["\n", "", " \n"]),
-    st.lists(_ARG, max_size=3), st.sampled_from(["", "", "oops ", "<arg_key>k</arg_key>\n"]),
+    st.sampled_from(["get_weather", "write_file", "lookup", "get weather", ""]),
+    st.sampled_from(["\n", "", " \n"]),
+    st.lists(_ARG, max_size=3),
+    st.sampled_from(["", "", "oops ", "<arg_key>k</arg_key>\n"]),
 )
 _OUTPUT = st.lists(st.one_of(_SOUP, _CALL, st.sampled_from(["\n", END_TOOL_CALL, f"{THINK}ab{END_THINK}"])), max_size=6)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(parts=_OUTPUT, reasoning=_SOUP, closes=st.booleans(), thinking=st.booleans(), cuts=st.lists(st.integers(0, 80), max_size=10))
+@given(
+    parts=_OUTPUT,
+    reasoning=_SOUP,
+    closes=st.booleans(),
+    thinking=st.booleans(),
+    cuts=st.lists(st.integers(0, 80), max_size=10),
+)
 def test_any_split_streams_to_the_complete_result(tok, parts, reasoning, closes, thinking, cuts):
     """Outputs whose calls are all closed, cut into deltas of one or more tokens anywhere,
     stream (through vLLM's DelegatingParser) to exactly the complete response."""
@@ -255,15 +346,37 @@ def test_any_split_streams_to_the_complete_result(tok, parts, reasoning, closes,
     parser_cls = composed_parser_cls(tok)
     request = chat_request(thinking=thinking)
     complete = parse_complete(parser_cls, tok, request, output)
-    streamed = parse_streamed(parser_cls, tok, request, group(token_deltas(tok, output), cuts), prompt_ids(tok, request))
-    assert (streamed.reasoning, streamed.content, streamed.calls) == (complete.reasoning, complete.content, complete.calls)
+    streamed = parse_streamed(
+        parser_cls, tok, request, group(token_deltas(tok, output), cuts), prompt_ids(tok, request)
+    )
+    assert (streamed.reasoning, streamed.content, streamed.calls) == (
+        complete.reasoning,
+        complete.content,
+        complete.calls,
+    )
     for _, arguments in streamed.calls:
         assert isinstance(json.loads(arguments), dict)
 
 
-_ANY = st.lists(st.one_of(st.text(max_size=8), st.sampled_from(
-    [THINK, END_THINK, TOOL_CALL, END_TOOL_CALL, "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>", "get_weather\n"])),
-    max_size=12).map("".join)
+_ANY = st.lists(
+    st.one_of(
+        st.text(max_size=8),
+        st.sampled_from(
+            [
+                THINK,
+                END_THINK,
+                TOOL_CALL,
+                END_TOOL_CALL,
+                "<arg_key>",
+                "</arg_key>",
+                "<arg_value>",
+                "</arg_value>",
+                "get_weather\n",
+            ]
+        ),
+    ),
+    max_size=12,
+).map("".join)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -272,7 +385,9 @@ def test_arbitrary_text_never_raises_nor_loses_text(tok, text, thinking, step, c
     parser_cls = composed_parser_cls(tok)
     request = chat_request(thinking=thinking)
     complete = parse_complete(parser_cls, tok, request, text)
-    parse_streamed(parser_cls, tok, request, group(token_deltas(tok, text), cuts), prompt_ids(tok, request), end_of_turn=False)
+    parse_streamed(
+        parser_cls, tok, request, group(token_deltas(tok, text), cuts), prompt_ids(tok, request), end_of_turn=False
+    )
     # bare text in arbitrary pieces, no token ids
     parser = tool_parser(tok)
     for i in range(0, len(text), step):

@@ -1,23 +1,25 @@
 """``--reasoning-parser laguna``: reasoning of Laguna models for vLLM's OpenAI server.
 
 Two consumers call it. The serving layer (through vLLM's ``DelegatingParser``) asks
-``is_reasoning_end(prompt)`` once, then feeds every delta to
-``extract_reasoning_streaming`` until ``is_reasoning_end_streaming`` says the reasoning is
-over, and hands the rest (``extract_content_ids``, the returned content) to the tool
-parser; non-streaming requests go through ``extract_reasoning``. The engine core builds
-its own instance per structured-output request and calls only the ``is_reasoning_end*``
-methods, on token ids, to decide when the grammar starts to apply.
+``is_reasoning_end(prompt)`` once; if the prompt left the reasoning open it feeds every
+delta to ``extract_reasoning_streaming`` until ``is_reasoning_end_streaming`` says the
+reasoning is over, then hands the rest (the returned content, ``extract_content_ids``) to
+the tool parser. Non-streaming responses go through ``extract_reasoning``. The engine core
+builds its own instance per structured-output request and calls only the
+``is_reasoning_end*`` methods, on token ids, to decide where the grammar starts to apply.
 
 Where the reasoning ends, as FACTS.md describes XS.2: at ``</think>``, or implicitly where a
 ``<tool_call>`` begins (vLLM's in-tree ``poolside_v1`` misses this and swallows the call
-into the reasoning). Looking back for the state of a prompt stops at the current
-``<assistant>``: a ``</think>`` of an earlier turn, or the ``<tool_call>`` examples of the
-tools section, say nothing about this turn.
+into the reasoning). The text rules live in :mod:`.splitter`. Looking back for the state of
+a prompt stops at the current ``<assistant>``: a ``</think>`` of an earlier turn, or the
+``<tool_call>`` example of the tools section, says nothing about this turn.
 
 Thinking on or off: the prompt says it where the parser sees the prompt (streaming); else
-``chat_template_kwargs["enable_thinking"]`` (the server passes the effective kwargs, the
-request may carry its own); else what the tokenizer's chat template does by default,
-read once by rendering a one-message conversation.
+``chat_template_kwargs["enable_thinking"]`` (the server passes the effective kwargs, a
+request may carry its own, ``reasoning_effort`` implies it); else what the tokenizer's chat
+template does by default, read once by rendering a one-message conversation. With thinking
+off the prompt closes the reasoning, so the serving layer never calls this parser for the
+output; a ``<think>`` the model opens itself is then routed by the tool parser.
 """
 
 from __future__ import annotations
@@ -137,7 +139,9 @@ class LagunaReasoningParser(ReasoningParser):
             self._thinking = marker == self._think_id
             self._stream = ReasoningSplitter(self._thinking)
 
-    def adjust_request(self, request: ChatCompletionRequest | ResponsesRequest) -> ChatCompletionRequest | ResponsesRequest:
+    def adjust_request(
+        self, request: ChatCompletionRequest | ResponsesRequest
+    ) -> ChatCompletionRequest | ResponsesRequest:
         # the parsers read the markers from the decoded text: keep them if they are special
         if self._markers_special and hasattr(request, "skip_special_tokens"):
             request.skip_special_tokens = False

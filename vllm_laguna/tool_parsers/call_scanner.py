@@ -404,7 +404,6 @@ _HANDLERS = {
 }
 
 
-
 def parse_complete(text: str, schemas: ArgumentSchemas) -> tuple[str | None, list[ScannedCall]]:
     """The whole output at once: (content, complete calls).
 

@@ -71,7 +71,9 @@ class LagunaToolParser(ToolParser):
         self._think: ReasoningSplitter | None = None
         self._call_ids: list[str] = []
 
-    def adjust_request(self, request: ChatCompletionRequest | ResponsesRequest) -> ChatCompletionRequest | ResponsesRequest:
+    def adjust_request(
+        self, request: ChatCompletionRequest | ResponsesRequest
+    ) -> ChatCompletionRequest | ResponsesRequest:
         request = super().adjust_request(request)
         if request.tools and request.tool_choice != "none":
             request.skip_special_tokens = False

@@ -1,0 +1,245 @@
+"""End to end: ``vllm serve --reasoning-parser laguna --tool-call-parser laguna
+--enable-auto-tool-choice`` as a real process on loopback, driven by the official ``openai``
+client, on a scripted tiny checkpoint (greedy decoding recites a fixed script, see
+``vllm_laguna.tiny.scripted``); and offline ``LLM.chat()`` with tools.
+
+The server's script, after the chat template's last token:
+
+- thinking on (``<think>``): reasoning that a ``<tool_call>`` ends without ``</think>`` (what
+  vLLM's in-tree ``poolside_v1`` gets wrong), then the call;
+- thinking off (``</think>``): content, then the same call.
+
+The call's string value holds a newline, markup, ``<`` and non-ASCII text, streamed in
+several tokens; ``<arg_key>``/``<arg_value>`` are split across tokens; ``days`` is an integer
+and ``options`` a Python-literal object. The tokenizer marks ``<think>``/``<tool_call>``
+special, so the parsers must keep them in the text themselves (``adjust_request``).
+One server serves every check of this module, the 32-stream load test included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from laguna_parsing import TOOLS, composed_parser_cls, parse_complete
+
+from vllm_laguna.tiny.scripted import build_scripted
+
+pytestmark = pytest.mark.slow
+
+CALL = [
+    "<tool_call>",
+    "get_weather",
+    "\n<arg_key>",
+    "city",
+    "</arg_key>\n<arg_value>",
+    "Paris, ",
+    "Île-de-France",
+    "\n<b>1</b> < 2 🙂",
+    "</arg_value>\n<arg_key>days",
+    "</arg_key>\n<arg",
+    "_value>7",
+    "</arg_value>\n<arg_key>options</arg_key>\n<arg_value>{'unit': ",
+    "'C'}",
+    "</arg_value>\n",
+    "</tool_call>",
+    "</assistant>",
+]
+REASONING = ["<think>", "\nThe user", " asks about", " Paris weather.", " Calling the tool.\n", "<tool_call>"]
+CONTENT = ["</think>", "\nLet me", " check the", " forecast.\n", "<tool_call>"]
+
+EXPECTED_CALL = ("get_weather", {"city": "Paris, Île-de-France\n<b>1</b> < 2 🙂", "days": 7, "options": {"unit": "C"}})
+EXPECTED = {  # thinking -> (reasoning, content)
+    True: ("\nThe user asks about Paris weather. Calling the tool.\n", None),
+    False: (None, "\nLet me check the forecast.\n"),
+}
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+MODEL = "laguna-scripted"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"vllm serve not healthy after {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("laguna-server")
+    checkpoint = build_scripted(root / "ckpt", [REASONING, CONTENT, CALL], special_markers=True)
+    port, log = free_port(), root / "server.log"
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # the user's default
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="INFO")
+    command = [
+        str(Path(sys.executable).with_name("vllm")), "serve", str(checkpoint),
+        "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
+        "--reasoning-parser", "laguna", "--tool-call-parser", "laguna", "--enable-auto-tool-choice",
+        "--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", "32", "--enforce-eager",
+    ]  # fmt: skip
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc, log, timeout=900)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the API server and its engine-core child
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server, api_key="unused", timeout=600, max_retries=0)
+
+
+def create(client, thinking: bool, **extra):
+    return client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, tools=TOOLS, temperature=0, max_tokens=64,
+        extra_body={"chat_template_kwargs": {"enable_thinking": thinking}}, **extra,
+    )  # fmt: skip
+
+
+def collect_stream(stream) -> dict:
+    """What a streaming client assembles, plus how it arrived."""
+    got = {"reasoning": "", "content": "", "calls": {}, "finish_reason": None, "argument_deltas": 0}
+    for chunk in stream:
+        for choice in chunk.choices:
+            delta = choice.delta
+            got["reasoning"] += getattr(delta, "reasoning", None) or ""
+            got["content"] += delta.content or ""
+            for call in delta.tool_calls or []:
+                entry = got["calls"].setdefault(call.index, {"ids": [], "name": "", "arguments": ""})
+                if call.id:
+                    entry["ids"].append(call.id)
+                if call.function and call.function.name:
+                    assert not entry["arguments"], "arguments before the name"
+                    entry["name"] += call.function.name
+                if call.function and call.function.arguments:
+                    entry["arguments"] += call.function.arguments
+                    got["argument_deltas"] += 1
+            got["finish_reason"] = choice.finish_reason or got["finish_reason"]
+    return got
+
+
+def summary(got: dict) -> tuple:
+    calls = [(c["name"], json.loads(c["arguments"])) for _, c in sorted(got["calls"].items())]
+    return got["reasoning"] or None, got["content"] or None, calls, got["finish_reason"]
+
+
+def test_offline_llm_chat_with_tools(tmp_path):
+    """``LLM.chat`` renders the tools through the template (one BOS) and greedy decoding
+    follows the script; our parsers read the raw text: reasoning ended by ``</think>``,
+    content, a typed call."""
+    from harness import shutdown
+    from vllm import LLM, SamplingParams
+
+    script = [
+        ["<think>", "Checking", " the forecast.", "</think>", "\nOn it.\n", "<tool_call>", "get_weather",
+         "\n<arg_key>city</arg_key>\n<arg_value>", "Rome", "</arg_value>\n<arg_key>days</arg_key>\n<arg_value>",
+         " 2 ", "</arg_value>\n", "</tool_call>", "</assistant>"],
+    ]  # fmt: skip
+    checkpoint = build_scripted(tmp_path / "ckpt", script, special_markers=False)
+    llm = LLM(model=str(checkpoint), dtype="float32", enforce_eager=True, max_model_len=2048,
+              distributed_executor_backend="uni", seed=0)  # fmt: skip
+    try:
+        (out,) = llm.chat(
+            MESSAGES, SamplingParams(temperature=0, max_tokens=64), tools=TOOLS,
+            chat_template_kwargs={"enable_thinking": True}, use_tqdm=False,
+        )  # fmt: skip
+    finally:
+        shutdown(llm)
+    prompt = list(out.prompt_token_ids)
+    assert prompt[0] == 2 and prompt.count(2) == 1  # the template's BOS, no second one
+    tokenizer = llm_tokenizer(checkpoint)
+    assert tokenizer.decode(prompt[-3:]) == "<assistant>\n<think>"
+    assert "get_weather" in tokenizer.decode(prompt)  # the tools section
+    text = out.outputs[0].text
+    assert out.outputs[0].finish_reason == "stop"
+    parser_cls = composed_parser_cls(tokenizer)
+    from laguna_parsing import chat_request
+
+    parsed = parse_complete(parser_cls, tokenizer, chat_request(thinking=True), text)
+    assert (parsed.reasoning, parsed.content) == ("Checking the forecast.", "\nOn it.\n")
+    assert [(n, json.loads(a)) for n, a in parsed.calls] == [("get_weather", {"city": "Rome", "days": 2})]
+
+
+def llm_tokenizer(checkpoint: Path):
+    from transformers import AutoTokenizer
+    from vllm.tokenizers.hf import get_cached_tokenizer
+
+    return get_cached_tokenizer(AutoTokenizer.from_pretrained(str(checkpoint)))
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_chat_completion(client, thinking):
+    response = create(client, thinking)
+    choice = response.choices[0]
+    reasoning, content = EXPECTED[thinking]
+    assert getattr(choice.message, "reasoning", None) == reasoning
+    assert choice.message.content == content
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [EXPECTED_CALL]
+    assert choice.message.tool_calls[0].id and choice.message.tool_calls[0].type == "function"
+    assert choice.finish_reason == "tool_calls"
+    details = response.usage.completion_tokens_details
+    assert details.reasoning_tokens == (len(REASONING) - 2 if thinking else 0)
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_streamed_chat_completion(client, thinking):
+    got = collect_stream(create(client, thinking, stream=True))
+    assert summary(got) == (*EXPECTED[thinking], [EXPECTED_CALL], "tool_calls")
+    (call,) = got["calls"].values()
+    assert len(call["ids"]) == 1  # one id per call, on its first delta
+    assert got["argument_deltas"] >= 5  # the arguments stream as they arrive
+
+
+def test_without_tools_the_call_is_plain_content(client):
+    """No tools: nothing parses calls, but the reasoning still ends where the call begins and
+    the (special) markers stay in the text."""
+    response = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, temperature=0, max_tokens=64,
+        extra_body={"chat_template_kwargs": {"enable_thinking": True}},
+    )  # fmt: skip
+    choice = response.choices[0]
+    assert choice.message.reasoning == EXPECTED[True][0]
+    assert choice.message.content == "".join(CALL[:-1])
+    assert not choice.message.tool_calls and choice.finish_reason == "stop"
+
+
+def test_32_concurrent_streams_match_the_sequential_ones(client):
+    reference = {thinking: summary(collect_stream(create(client, thinking, stream=True))) for thinking in (True, False)}
+    modes = [i % 2 == 0 for i in range(32)]
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        results = list(pool.map(lambda thinking: summary(collect_stream(create(client, thinking, stream=True))), modes))
+    for thinking, result in zip(modes, results, strict=True):
+        assert result == reference[thinking]
+    assert reference[True] == (*EXPECTED[True], [EXPECTED_CALL], "tool_calls")
