@@ -56,8 +56,9 @@ CONFIGS = {
         tie_word_embeddings=True,
         seed=2,
     ),
-    # dense and sparse interleaved, many heads per layer, 16 experts
+    # dense and sparse interleaved, many heads per layer, 16 experts, attention biases
     "interleaved-16-experts": dict(
+        attention_bias=True,
         mlp_layer_types=["sparse", "dense", "sparse", "dense"],
         heads_per_layer=[2, 4, 6, 8],
         num_experts=16,

@@ -77,6 +77,7 @@ class LagunaTiny:
     dtype: str = "float32"
     layout: str = "hub"
     tie_word_embeddings: bool = False
+    attention_bias: bool = False
     seed: int = 0
     #: extra or overriding config.json entries (e.g. to write a malformed config)
     config_overrides: dict[str, Any] = field(default_factory=dict)
@@ -140,7 +141,7 @@ class LagunaTiny:
             "moe_apply_router_weight_on_input": False,
             "gating": self.gating,
             "rms_norm_eps": 1e-6,
-            "attention_bias": False,
+            "attention_bias": self.attention_bias,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": 2,
             "eos_token_id": [2, 24],
@@ -169,6 +170,9 @@ class LagunaTiny:
             sd[f"{p}.self_attn.o_proj.weight"] = w.normal(H, heads * D)
             sd[f"{p}.self_attn.q_norm.weight"] = w.norm(D)
             sd[f"{p}.self_attn.k_norm.weight"] = w.norm(D)
+            if self.attention_bias:
+                for n, width in (("q", heads * D), ("k", self.num_kv_heads * D), ("v", self.num_kv_heads * D), ("o", H)):
+                    sd[f"{p}.self_attn.{n}_proj.bias"] = w.normal(width)
             if self.gating is not False:
                 sd[f"{p}.self_attn.g_proj.weight"] = w.normal(heads * D if per_element else heads, H)
             if self.mlp_layer_types[i] == "dense":
