@@ -235,6 +235,23 @@ def test_without_tools_the_call_is_plain_content(client):
     assert not choice.message.tool_calls and choice.finish_reason == "stop"
 
 
+@pytest.mark.parametrize("thinking", [True, False])
+def test_structured_output_applies_after_the_reasoning(client, thinking):
+    """The engine core's gate (its own parser instance, on token ids): thinking off, the
+    prompt already closed the reasoning and the grammar binds from the first token; thinking
+    on, the reasoning runs free until the ``<tool_call>`` that ends it. (That end token is
+    not itself under the grammar: vLLM constrains from the token after a legacy parser's
+    end marker.)"""
+    body = {"chat_template_kwargs": {"enable_thinking": thinking}, "structured_outputs": {"choice": ["yes", "no"]}}
+    response = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, temperature=0, max_tokens=32, extra_body=body
+    )
+    message = response.choices[0].message
+    reasoning, _ = EXPECTED[thinking]
+    assert message.reasoning == reasoning
+    assert (message.content.removeprefix("<tool_call>") if thinking else message.content) in ("yes", "no")
+
+
 def test_32_concurrent_streams_match_the_sequential_ones(client):
     reference = {thinking: summary(collect_stream(create(client, thinking, stream=True))) for thinking in (True, False)}
     modes = [i % 2 == 0 for i in range(32)]

@@ -257,6 +257,18 @@ def test_model_opened_think_with_thinking_off_streams_as_reasoning(tok):
     )
 
 
+def test_without_reasoning_parser_a_think_block_is_content(tok):
+    """vLLM tells the tool parser when no reasoning parser is configured."""
+    output = "<think>hmm</think>\n" + WEATHER
+    parser_cls = composed_parser_cls(tok, reasoning=False)
+    request = chat_request(thinking=False)
+    streamed = parse_streamed(parser_cls, tok, request, token_deltas(tok, output), prompt_ids(tok, request))
+    complete = parse_complete(parser_cls, tok, request, output)
+    expected = ("", "<think>hmm</think>\n", as_expected(CASES["single"][2]))
+    assert (streamed.reasoning, streamed.content, streamed.calls) == expected
+    assert (complete.reasoning, complete.content, complete.calls) == expected
+
+
 @pytest.mark.parametrize(
     ("text", "value"),
     [
