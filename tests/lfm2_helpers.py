@@ -226,9 +226,10 @@ class EngineRun:
     results: dict[str, "Greedy"]
     preemptions: dict[str, int]
     cached_tokens: dict[str, int]
-    #: most requests decoding in one step while another one was still prefilling or joined
+    #: most requests running at once
     max_running: int
-    steps: int
+    #: most tokens scheduled in one step (a prompt longer than this was chunked)
+    max_step_tokens: int
 
 
 def run_engine(
@@ -251,7 +252,16 @@ def run_engine(
         preemptions[request.request_id] = preemptions.get(request.request_id, 0) + 1
         return preempt(request, *args, **kwargs)
 
+    step_tokens: list[int] = []
+    schedule = scheduler.schedule
+
+    def recording_schedule(*args, **kwargs):
+        output = schedule(*args, **kwargs)
+        step_tokens.append(output.total_num_scheduled_tokens)
+        return output
+
     scheduler._preempt_request = counting_preempt
+    scheduler.schedule = recording_schedule
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, logprobs=5, ignore_eos=True)
     pending = sorted(arrivals, key=lambda a: a[0])
     results, cached, step, max_running = {}, {}, 0, 0
@@ -268,7 +278,8 @@ def run_engine(
             step += 1
     finally:
         scheduler._preempt_request = preempt
-    return EngineRun(results, preemptions, cached, max_running, step)
+        scheduler.schedule = schedule
+    return EngineRun(results, preemptions, cached, max_running, max(step_tokens, default=0))
 
 
 def _greedy(greedy_cls, output) -> "Greedy":

@@ -93,11 +93,12 @@ class DepthwiseConv(nn.Module):
             self.register_parameter("bias", None)
 
     def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        shape = list(loaded.shape)
         if loaded.dim() == 3 and loaded.shape[1] == 1:  # nn.Conv1d's [D, 1, L]
             loaded = loaded.squeeze(1)
         if tuple(loaded.shape) != (self.channels, self.kernel):
             raise CheckpointError(
-                f"{self.prefix}.weight has shape {list(loaded.shape)}; the config (hidden_size, "
+                f"{self.prefix}.weight has shape {shape}; the config (hidden_size, "
                 f"conv_L_cache) expects [{self.channels}, 1, {self.kernel}]"
             )
         sharded_weight_loader(0)(param, loaded)
