@@ -9,7 +9,9 @@ config says otherwise. No embedding scale, no biases outside the conv blocks.
 
 The config, in either of its forms, is read once by
 :func:`vllm_laguna.configs.lfm2.parse_lfm2_config`. Tensor names are the Hub's (which are
-transformers' module names); q/k/v and w1/w3 are fused here.
+transformers' module names); q/k/v and w1/w3 are fused here, ``w2`` loads as ``down_proj`` and
+``embedding_norm`` as the shared frame's ``norm``
+(:mod:`vllm_laguna.model_executor.models.causal_lm`).
 """
 
 from collections.abc import Iterable, Iterator
@@ -20,45 +22,21 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
-from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.linear import (
-    MergedColumnParallelLinear,
-    QKVParallelLinear,
-    RowParallelLinear,
-)
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.mamba.mamba_utils import MambaStateCopyFuncCalculator
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid, SupportsQuant
-from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
-from vllm.sequence import IntermediateTensors
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid, SupportsMambaPrefixCaching
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
 from vllm_laguna.configs.lfm2 import Lfm2Arch, parse_lfm2_config
 from vllm_laguna.model_executor.checkpoint import CheckpointAudit, CheckpointError
 from vllm_laguna.model_executor.layers.short_conv import ShortConv, conv_state_dtype, conv_state_shape
-
-
-class Lfm2MLP(nn.Module):
-    """SwiGLU ``w2(silu(w1 x) * w3 x)``; w1 and w3 fused column-parallel as ``w13``."""
-
-    def __init__(self, arch: Lfm2Arch, quant_config: QuantizationConfig | None, prefix: str):
-        super().__init__()
-        self.w13 = MergedColumnParallelLinear(
-            arch.hidden_size, [arch.ff_dim] * 2, bias=False, quant_config=quant_config, prefix=f"{prefix}.w13"
-        )
-        self.w2 = RowParallelLinear(
-            arch.ff_dim, arch.hidden_size, bias=False, quant_config=quant_config, prefix=f"{prefix}.w2"
-        )
-        self.act_fn = SiluAndMul()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up, _ = self.w13(x)
-        out, _ = self.w2(self.act_fn(gate_up))
-        return out
+from vllm_laguna.model_executor.layers.swiglu import SwiGLU
+from vllm_laguna.model_executor.models.causal_lm import CausalLM, DecoderModel
 
 
 class Lfm2Attention(nn.Module):
@@ -142,7 +120,9 @@ class Lfm2DecoderLayer(nn.Module):
             )
         else:
             self.self_attn = Lfm2Attention(vllm_config, arch, prefix=f"{prefix}.self_attn")
-        self.feed_forward = Lfm2MLP(arch, vllm_config.quant_config, prefix=f"{prefix}.feed_forward")
+        self.feed_forward = SwiGLU(
+            arch.hidden_size, arch.ff_dim, vllm_config.quant_config, prefix=f"{prefix}.feed_forward"
+        )
         self.operator_norm = RMSNorm(arch.hidden_size, eps=arch.norm_eps)
         self.ffn_norm = RMSNorm(arch.hidden_size, eps=arch.norm_eps)
 
@@ -163,7 +143,9 @@ class Lfm2DecoderLayer(nn.Module):
 
 
 @support_torch_compile
-class Lfm2Model(nn.Module):
+class Lfm2Model(DecoderModel):
+    """The final norm is the checkpoint's ``embedding_norm`` (loaded as ``norm``)."""
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         arch = parse_lfm2_config(vllm_config.model_config.hf_text_config)
@@ -172,40 +154,32 @@ class Lfm2Model(nn.Module):
         self.layers = nn.ModuleList(
             Lfm2DecoderLayer(vllm_config, arch, i, prefix=f"{prefix}.layers.{i}") for i in range(arch.num_layers)
         )
-        self.embedding_norm = RMSNorm(arch.hidden_size, eps=arch.norm_eps)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate_tensors: IntermediateTensors | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual)
-        hidden_states, _ = self.embedding_norm(hidden_states, residual)
-        return hidden_states
+        self.norm = RMSNorm(arch.hidden_size, eps=arch.norm_eps)
 
 
-class Lfm2ForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsQuant):
-    """vLLM entry point for ``Lfm2ForCausalLM`` checkpoints (either config form)."""
+class Lfm2ForCausalLM(CausalLM, HasInnerState, IsHybrid, SupportsMambaPrefixCaching):
+    """vLLM entry point for ``Lfm2ForCausalLM`` checkpoints (either config form).
 
+    Prefix caching works (vLLM's "align" mode: the conv state at every 128-token block
+    boundary is kept with the block and copied by :meth:`get_mamba_state_copy_func`'s spec).
+    """
+
+    model_cls = Lfm2Model
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
-        "w13": ["w1", "w3"],
+        "gate_up_proj": ["w1", "w3"],
     }
     hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_substr={
+            "model.embedding_norm.": "model.norm.",
+            ".feed_forward.w2.": ".feed_forward.down_proj.",
+        },
         orig_to_new_stacked={
             ".self_attn.q_proj": (".self_attn.qkv_proj", "q"),
             ".self_attn.k_proj": (".self_attn.qkv_proj", "k"),
             ".self_attn.v_proj": (".self_attn.qkv_proj", "v"),
-            ".feed_forward.w1": (".feed_forward.w13", 0),
-            ".feed_forward.w3": (".feed_forward.w13", 1),
+            ".feed_forward.w1.": (".feed_forward.gate_up_proj.", 0),
+            ".feed_forward.w3.": (".feed_forward.gate_up_proj.", 1),
         },
     )
 
@@ -224,36 +198,6 @@ class Lfm2ForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsQuant):
     def get_mamba_state_copy_func(cls):
         """How vLLM copies a conv state between blocks (prefix caching's align mode)."""
         return MambaStateCopyFuncCalculator.short_conv_state_copy_func()
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        super().__init__()
-        self.model = Lfm2Model(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        arch = self.model.arch
-        self.lm_head = ParallelLMHead(
-            arch.vocab_size,
-            arch.hidden_size,
-            quant_config=vllm_config.quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
-        if arch.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor(arch.vocab_size)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_input_ids(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate_tensors: IntermediateTensors | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         arch = self.model.arch
