@@ -34,7 +34,8 @@ import torch
 FORCE_TORCH = os.environ.get("VLLM_LAGUNA_TORCH_KERNELS", "0").strip() == "1"
 
 # ---------------------------------------------------------------------------------------
-# torch references (vectorised: no loop over requests, no host synchronisation)
+# torch references (vectorised: no Python loop over requests; the masked state write
+# synchronises on CUDA, so on GPU they are for eager runs and checking, not CUDA graphs)
 # ---------------------------------------------------------------------------------------
 
 

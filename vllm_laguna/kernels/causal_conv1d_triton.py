@@ -130,10 +130,12 @@ def causal_conv1d_prefill_triton(
     state_indices: torch.Tensor,
     has_initial_state: torch.Tensor,
 ) -> torch.Tensor:
-    """Triton twin of :func:`~vllm_laguna.kernels.causal_conv1d.causal_conv1d_prefill_torch` (same arguments and effects)."""
+    """Triton twin of :func:`~vllm_laguna.kernels.causal_conv1d.causal_conv1d_prefill_torch`
+    (same arguments and effects)."""
     assert x.stride(1) == 1, "x must be contiguous along channels"
     num_tokens, dim = x.shape
     num_reqs = state_indices.shape[0]
+    query_start_loc, state_indices = query_start_loc.contiguous(), state_indices.contiguous()
     out = torch.empty_like(x)
     if num_tokens == 0 or num_reqs == 0:
         return out
@@ -169,8 +171,10 @@ def causal_conv1d_decode_triton(
     conv_state: torch.Tensor,
     state_indices: torch.Tensor,
 ) -> torch.Tensor:
-    """Triton twin of :func:`~vllm_laguna.kernels.causal_conv1d.causal_conv1d_decode_torch` (same arguments and effects)."""
+    """Triton twin of :func:`~vllm_laguna.kernels.causal_conv1d.causal_conv1d_decode_torch`
+    (same arguments and effects)."""
     assert x.stride(1) == 1, "x must be contiguous along channels"
+    state_indices = state_indices.contiguous()
     num_reqs, dim = x.shape
     out = torch.empty_like(x)
     if num_reqs == 0:
