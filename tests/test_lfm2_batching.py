@@ -1,5 +1,6 @@
-"""The conv state under vLLM's scheduler: continuous batching, prefix caching, slot reuse,
-chunked prefill and preemption, each request checked against transformers running it alone.
+"""The conv state under vLLM's scheduler: continuous batching, prefix caching, slot release
+and reuse, chunked prefill and preemption, each request checked against transformers
+running it alone.
 
 Requests of 1 to 300 tokens arrive at different engine steps, so short ones join while long
 ones are mid-prompt or decoding (``max_num_seqs=3`` keeps some waiting for a free slot).
@@ -74,9 +75,9 @@ def test_prefix_cache_hit_resumes_from_the_cached_conv_state(default_engine, ref
     assert_parity([reference["g"]], [run.results["g"]])
 
 
-def test_slots_are_released_and_reused(default_engine):
-    """Every block (KV and conv-state slots) comes back when requests finish, and a request
-    run alone in slots other requests used before gives what it gave in the mixed batch."""
+def test_finished_requests_release_their_slots_and_repeat_exactly(default_engine):
+    """Every block (KV blocks and conv-state slots) comes back when requests finish, and a
+    request run again alone later gives what it gave in the mixed batch."""
     free_at_start, free_at_end = default_engine["free_blocks"]
     assert free_at_end == free_at_start
     mixed = default_engine["mixed"].results
@@ -86,17 +87,24 @@ def test_slots_are_released_and_reused(default_engine):
 
 
 def test_chunked_prefill_and_preemption(ckpt, prompts, reference, default_engine):
-    """Prompts split into 32-token chunks (a 300-token prompt over ten steps), and a KV cache
-    of 9 blocks, too small for all requests: the scheduler preempts one and later recomputes
-    it (with prefix caching, in "align" mode, a request holds a state block per 128 tokens,
-    which is what makes the cache run out)."""
+    """Prompts split into 32-token chunks (a 300-token prompt over ten steps), and a cache of
+    9 blocks, too small for all requests: the scheduler preempts one and later recomputes it
+    (with prefix caching, in "align" mode, a request holds a state block per 128 tokens,
+    which is what makes the cache run out). Slots are reused: the six requests hold three
+    blocks or more each (two conv-state groups and one attention group), 18 or more
+    allocations from 8 usable blocks, so each block serves several requests in turn."""
     engine = make_engine(
         ckpt, max_num_seqs=3, max_num_batched_tokens=32, max_model_len=384, num_gpu_blocks_override=9
     )
+    scheduler = engine.engine_core.engine_core.scheduler
     try:
+        groups = len(scheduler.kv_cache_config.kv_cache_groups)
+        free_at_start = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
         run = run_engine(engine, _arrivals(prompts, LENGTHS), MAX_NEW)
+        free_at_end = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
     finally:
         shutdown_engine(engine)
+    assert groups * len(LENGTHS) > free_at_start == free_at_end, (groups, free_at_start, free_at_end)
     assert sum(run.preemptions.values()) >= 1, "nothing was preempted"
     assert run.max_step_tokens <= 32 < max(LENGTHS.values()), "prompts were not chunked"
     assert_parity([reference[n] for n in LENGTHS], [run.results[n] for n in LENGTHS])
