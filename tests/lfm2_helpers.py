@@ -188,7 +188,9 @@ PREFILL_CASES = {
         lens=[3, 1, 20], slots=[1, 7, 4], has_initial_state=[True, True, False],
         kernel=2, layout="DS", bias=False, dim=130,
     ),
-    "k4-wide": dict(lens=[2, 1, 19, 4], slots=[2, 3, 0, 1], has_initial_state=[True, False, True, True], kernel=4, dim=130),
+    "k4-wide": dict(
+        lens=[2, 1, 19, 4], slots=[2, 3, 0, 1], has_initial_state=[True, False, True, True], kernel=4, dim=130
+    ),
     "no-slot": dict(lens=[3, 4], slots=[-1, 2], has_initial_state=[True, True]),
 }  # fmt: skip
 DECODE_CASES = {

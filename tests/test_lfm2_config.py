@@ -96,7 +96,7 @@ BAD = {
     "head_dim": (dict(head_dim=33), r"`head_dim`: expected a positive even integer"),
     "norm_eps": (dict(norm_eps=-1e-5), r"`norm_eps`: expected a positive number"),
     "conv_bias": (dict(conv_bias="yes"), r"`conv_bias`: expected true or false"),
-    "rope_theta": (dict(rope_parameters={"rope_type": "default", "rope_theta": 0}), r"rope_theta`: expected a positive"),
+    "rope_theta": (dict(rope_parameters={"rope_type": "default", "rope_theta": 0}), r"rope_theta`: expected a"),
 }  # fmt: skip
 
 

@@ -36,7 +36,8 @@ def _load(ckpt):
 
 @pytest.fixture
 def ckpt(tmp_path):
-    return build_lfm2(tmp_path / "ckpt", config_form="hub", num_layers=3, layer_types=["conv", "full_attention", "conv"])
+    layer_types = ["conv", "full_attention", "conv"]
+    return build_lfm2(tmp_path / "ckpt", config_form="hub", num_layers=3, layer_types=layer_types)
 
 
 def test_conv_dim_contradicting_hidden_size(ckpt):

@@ -93,7 +93,9 @@ def parse_lfm2_config(config: Any) -> Lfm2Arch:
 
     conv_kernel = positive_int(MODEL, config, "conv_L_cache", 3)
     if conv_kernel < 2:
-        raise ConfigError(MODEL, "conv_L_cache", "an integer >= 2 (the conv keeps conv_L_cache - 1 columns)", conv_kernel)
+        raise ConfigError(
+            MODEL, "conv_L_cache", "an integer >= 2 (the conv keeps conv_L_cache - 1 columns)", conv_kernel
+        )
 
     return Lfm2Arch(
         vocab_size=positive_int(MODEL, config, "vocab_size"),
