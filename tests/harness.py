@@ -27,6 +27,31 @@ class Greedy:
     tokens: list[int]
     top5: list[dict[int, float]] = field(default_factory=list)
 
+    @classmethod
+    def from_output(cls, output, num_logprobs: int = 5) -> "Greedy":
+        """From a vLLM ``RequestOutput`` sampled with ``logprobs=num_logprobs``."""
+        completion = output.outputs[0]
+        top = [
+            {tok: lp.logprob for tok, lp in sorted(step.items(), key=lambda kv: kv[1].rank)[:num_logprobs]}
+            for step in completion.logprobs
+        ]
+        return cls(tokens=list(completion.token_ids), top5=top)
+
+
+def engine_kwargs(model_dir: str | Path, dtype: str = "float32", **overrides) -> dict:
+    """vLLM engine arguments of the parity runs: in-process, eager, seeded; ``overrides`` win."""
+    kwargs = dict(
+        model=str(model_dir),
+        dtype=dtype,
+        enforce_eager=True,
+        max_model_len=1024,
+        max_num_seqs=16,
+        seed=0,
+        distributed_executor_backend="uni",
+    )
+    kwargs.update(overrides)
+    return kwargs
+
 
 def prompts_for(vocab_size: int, lengths: Sequence[int], seed: int = 0, low: int = 32) -> list[list[int]]:
     """Random prompts of the given lengths from the non-special part of the vocabulary."""
@@ -94,17 +119,7 @@ def vllm_run(
     ``LLM.apply_model``) before generating. Returns ``(greedy results, inspect result)``."""
     from vllm import LLM, SamplingParams
 
-    kwargs = dict(
-        model=str(model_dir),
-        dtype=dtype,
-        enforce_eager=True,
-        max_model_len=1024,
-        max_num_seqs=16,
-        seed=0,
-        distributed_executor_backend="uni",
-    )
-    kwargs.update(llm_kwargs)
-    llm = LLM(**kwargs)
+    llm = LLM(**engine_kwargs(model_dir, dtype, **llm_kwargs))
     try:
         inspected = llm.apply_model(inspect)[0] if inspect is not None else None
         params = SamplingParams(
@@ -113,15 +128,7 @@ def vllm_run(
         outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
     finally:
         shutdown(llm)
-    results = []
-    for output in outputs:
-        completion = output.outputs[0]
-        top5 = []
-        for step in completion.logprobs:
-            ranked = sorted(step.items(), key=lambda kv: kv[1].rank)[:num_logprobs]
-            top5.append({tok: lp.logprob for tok, lp in ranked})
-        results.append(Greedy(tokens=list(completion.token_ids), top5=top5))
-    return results, inspected
+    return [Greedy.from_output(o, num_logprobs) for o in outputs], inspected
 
 
 def shutdown(llm) -> None:

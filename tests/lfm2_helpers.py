@@ -6,9 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from harness import Greedy
 
 TOLERANCE = {
     torch.float32: dict(rtol=1e-5, atol=1e-6),
@@ -269,7 +273,7 @@ def run_engine(
             max_running = max(max_running, len(scheduler.running))
             for output in engine.step():
                 if output.finished:
-                    results[output.request_id] = _greedy(Greedy, output)
+                    results[output.request_id] = Greedy.from_output(output)
                     cached[output.request_id] = output.num_cached_tokens or 0
             step += 1
     finally:
@@ -278,30 +282,13 @@ def run_engine(
     return EngineRun(results, preemptions, cached, max_running, max(step_tokens, default=0))
 
 
-def _greedy(greedy_cls, output) -> "Greedy":
-    completion = output.outputs[0]
-    top5 = [
-        {tok: lp.logprob for tok, lp in sorted(step.items(), key=lambda kv: kv[1].rank)[:5]}
-        for step in completion.logprobs
-    ]
-    return greedy_cls(tokens=list(completion.token_ids), top5=top5)
-
-
 def make_engine(model_dir, **overrides):
     """An in-process ``LLMEngine`` set up like ``harness.vllm_greedy``'s ``LLM``."""
     from vllm import EngineArgs, LLMEngine
 
-    kwargs = dict(
-        model=str(model_dir),
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=1024,
-        max_num_seqs=16,
-        seed=0,
-        distributed_executor_backend="uni",
-    )
-    kwargs.update(overrides)
-    return LLMEngine.from_engine_args(EngineArgs(**kwargs))
+    from harness import engine_kwargs
+
+    return LLMEngine.from_engine_args(EngineArgs(**engine_kwargs(model_dir, **overrides)))
 
 
 def shutdown_engine(engine) -> None:

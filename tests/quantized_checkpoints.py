@@ -15,7 +15,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+
+from checkpoint_edits import rewrite_tensors
 
 #: modules left in full precision, as compressed-tensors' `ignore` list writes them
 INT8_IGNORE = ["lm_head", "re:.*mlp\\.gate$", "re:.*mlp\\.experts\\..*"]
@@ -30,15 +31,7 @@ def _quantizable(name: str, tensor: torch.Tensor) -> bool:
 def _rewrite(src: Path, dst: Path, convert) -> None:
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst)
-    index_path = dst / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    weight_map = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        tensors = convert(load_file(dst / shard))
-        save_file(tensors, dst / shard, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, shard))
-    index["weight_map"] = weight_map
-    index_path.write_text(json.dumps(index))
+    rewrite_tensors(dst, convert)
 
 
 def int8_w8a8(src: Path, quantized: Path, dequantized: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 INTERPRET_DIR = Path(__file__).parent / "kernels_interpret"
 
 
-@pytest.mark.parametrize("test_file", ["test_sigmoid_topk.py", "test_softplus_gate.py"])
+@pytest.mark.parametrize("test_file", ["test_sigmoid_topk.py", "test_softplus_gate.py", "test_causal_conv1d.py"])
 def test_kernel_under_triton_interpreter(test_file):
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
     env.pop("VLLM_LAGUNA_TORCH_KERNELS", None)

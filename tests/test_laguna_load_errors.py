@@ -2,34 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from safetensors.torch import load_file, save_file
 
+from checkpoint_edits import edit_config, rewrite_tensors
 from harness import vllm_greedy
 from vllm_laguna.tiny.laguna import build_laguna
-
-
-def _edit_config(ckpt, **changes):
-    config = json.loads((ckpt / "config.json").read_text())
-    config.update(changes)
-    (ckpt / "config.json").write_text(json.dumps(config))
-
-
-def _edit_tensors(ckpt, edit):
-    """Apply ``edit(state_dict)`` to every shard and keep the index in step."""
-    index_path = ckpt / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    for shard in sorted(set(index["weight_map"].values())):
-        tensors = load_file(ckpt / shard)
-        edit(tensors, shard)
-        save_file(tensors, ckpt / shard, metadata={"format": "pt"})
-        for name in list(index["weight_map"]):
-            if index["weight_map"][name] == shard and name not in tensors:
-                del index["weight_map"][name]
-        index["weight_map"].update({n: shard for n in tensors})
-    index_path.write_text(json.dumps(index))
 
 
 def _load(ckpt):
@@ -42,47 +19,42 @@ def ckpt(tmp_path):
 
 
 def test_heads_not_divisible_by_kv_heads(ckpt):
-    _edit_config(ckpt, num_attention_heads_per_layer=[4, 8, 5, 8])
+    edit_config(ckpt, num_attention_heads_per_layer=[4, 8, 5, 8])
     with pytest.raises(Exception, match=r"num_attention_heads_per_layer\[2\].*multiple of num_key_value_heads=2"):
         _load(ckpt)
 
 
 def test_list_length_mismatch(ckpt):
-    _edit_config(ckpt, mlp_layer_types=["dense", "sparse", "sparse"])
+    edit_config(ckpt, mlp_layer_types=["dense", "sparse", "sparse"])
     with pytest.raises(Exception, match=r"mlp_layer_types"):
         _load(ckpt)
 
 
 def test_router_weight_on_input_is_rejected(ckpt):
-    _edit_config(ckpt, moe_apply_router_weight_on_input=True)
+    edit_config(ckpt, moe_apply_router_weight_on_input=True)
     with pytest.raises(Exception, match=r"moe_apply_router_weight_on_input"):
         _load(ckpt)
 
 
 def test_missing_expert_tensor(ckpt):
-    def drop(tensors, shard):
-        tensors.pop("model.layers.2.mlp.experts.5.up_proj.weight", None)
-
-    _edit_tensors(ckpt, drop)
+    rewrite_tensors(ckpt, lambda t: {n: v for n, v in t.items() if n != "model.layers.2.mlp.experts.5.up_proj.weight"})
     with pytest.raises(Exception, match=r"missing tensors: model\.layers\.2\.mlp\.experts\.5\.up_proj\.weight"):
         _load(ckpt)
 
 
 def test_missing_qkv_shard(ckpt):
-    def drop(tensors, shard):
-        tensors.pop("model.layers.1.self_attn.v_proj.weight", None)
-
-    _edit_tensors(ckpt, drop)
+    rewrite_tensors(ckpt, lambda t: {n: v for n, v in t.items() if n != "model.layers.1.self_attn.v_proj.weight"})
     with pytest.raises(Exception, match=r"model\.layers\.1\.self_attn\.v_proj\.weight"):
         _load(ckpt)
 
 
 def _add_tensor(ckpt, name):
-    def add(tensors, shard):
+    def add(tensors):
         if "model.layers.0.self_attn.q_proj.weight" in tensors:
             tensors[name] = tensors["model.layers.0.self_attn.q_proj.weight"][:, :1].clone()
+        return tensors
 
-    _edit_tensors(ckpt, add)
+    rewrite_tensors(ckpt, add)
 
 
 def test_unexpected_bias(ckpt):
@@ -99,6 +71,6 @@ def test_unexpected_tensor(ckpt):
 
 
 def test_g_proj_shape_contradicting_gating(ckpt):
-    _edit_config(ckpt, gating="per-element")  # weights are per-head
+    edit_config(ckpt, gating="per-element")  # weights are per-head
     with pytest.raises(Exception, match=r"g_proj\.weight has 4 rows; config `gating`"):
         _load(ckpt)

@@ -2,32 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from safetensors.torch import load_file, save_file
 
+from checkpoint_edits import edit_config, rewrite_tensors
 from harness import vllm_greedy
 from vllm_laguna.tiny.lfm2 import build_lfm2
-
-
-def _edit_config(ckpt, **changes):
-    config = json.loads((ckpt / "config.json").read_text())
-    config.update(changes)
-    (ckpt / "config.json").write_text(json.dumps(config))
-
-
-def _edit_tensors(ckpt, edit):
-    """Apply ``edit(tensors)`` to every shard and keep the index in step."""
-    index_path = ckpt / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    for shard in sorted(set(index["weight_map"].values())):
-        tensors = load_file(ckpt / shard)
-        edit(tensors)
-        save_file(tensors, ckpt / shard, metadata={"format": "pt"})
-        index["weight_map"] = {n: s for n, s in index["weight_map"].items() if s != shard or n in tensors}
-        index["weight_map"].update(dict.fromkeys(tensors, shard))
-    index_path.write_text(json.dumps(index))
 
 
 def _load(ckpt):
@@ -41,7 +20,7 @@ def ckpt(tmp_path):
 
 
 def test_conv_dim_contradicting_hidden_size(ckpt):
-    _edit_config(ckpt, conv_dim=128)
+    edit_config(ckpt, conv_dim=128)
     with pytest.raises(Exception, match=r"`conv_dim`: expected hidden_size=64"):
         _load(ckpt)
 
@@ -50,19 +29,20 @@ def test_conv_bias_in_checkpoint_but_not_in_config(ckpt):
     def add_bias(tensors):
         if "model.layers.2.conv.out_proj.weight" in tensors:
             tensors["model.layers.2.conv.out_proj.bias"] = tensors["model.layers.2.conv.out_proj.weight"][:, 0].clone()
+        return tensors
 
-    _edit_tensors(ckpt, add_bias)
+    rewrite_tensors(ckpt, add_bias)
     with pytest.raises(Exception, match=r"'model\.layers\.2\.conv\.out_proj\.bias'.*conv_bias: false"):
         _load(ckpt)
 
 
 def test_missing_conv_kernel(ckpt):
-    _edit_tensors(ckpt, lambda tensors: tensors.pop("model.layers.2.conv.conv.weight", None))
+    rewrite_tensors(ckpt, lambda t: {n: v for n, v in t.items() if n != "model.layers.2.conv.conv.weight"})
     with pytest.raises(Exception, match=r"missing tensors: model\.layers\.2\.conv\.conv\.weight"):
         _load(ckpt)
 
 
 def test_conv_kernel_size_contradicting_conv_L_cache(ckpt):
-    _edit_config(ckpt, conv_L_cache=4)  # weights have 3 taps
+    edit_config(ckpt, conv_L_cache=4)  # weights have 3 taps
     with pytest.raises(Exception, match=r"conv\.conv\.weight has shape \[64, 1, 3\].*expects \[64, 1, 4\]"):
         _load(ckpt)

@@ -18,20 +18,17 @@ Two entry points: :func:`causal_conv1d_prefill` (requests with any number of new
 whole prompt, or one chunk of it after earlier chunks left their state in the slot) and
 :func:`causal_conv1d_decode` (one token per request, the slot updated in place). Each has a
 plain-torch reference here and a Triton kernel in
-:mod:`vllm_laguna.kernels.causal_conv1d_triton`. Dispatch: Triton when ``x`` is on CUDA,
-torch otherwise and whenever ``VLLM_LAGUNA_TORCH_KERNELS=1``. The Triton kernels also run
+:mod:`vllm_laguna.kernels.causal_conv1d_triton`. Dispatch (:mod:`vllm_laguna.kernels.dispatch`): Triton when
+``x`` is on CUDA, torch otherwise and whenever ``VLLM_LAGUNA_TORCH_KERNELS=1``. The Triton kernels also run
 on CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is imported), which is how
 they are tested without a GPU.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-#: read once: ``VLLM_LAGUNA_TORCH_KERNELS=1`` forces the torch references everywhere
-FORCE_TORCH = os.environ.get("VLLM_LAGUNA_TORCH_KERNELS", "0").strip() == "1"
+from vllm_laguna.kernels.dispatch import use_triton
 
 # ---------------------------------------------------------------------------------------
 # torch references (vectorised: no Python loop over requests; the masked state write
@@ -111,14 +108,9 @@ def causal_conv1d_decode_torch(
 
 
 # ---------------------------------------------------------------------------------------
-# dispatch
+# dispatch (kernels.dispatch.use_triton; Triton is imported only when it is chosen: CPU
+# installs of vLLM need not have it)
 # ---------------------------------------------------------------------------------------
-
-
-def use_triton(x: torch.Tensor) -> bool:
-    """Triton on CUDA tensors unless ``VLLM_LAGUNA_TORCH_KERNELS=1`` forces torch. (Triton
-    is imported only then: CPU installs of vLLM need not have it.)"""
-    return x.is_cuda and not FORCE_TORCH
 
 
 def causal_conv1d_prefill(

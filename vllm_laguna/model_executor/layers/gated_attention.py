@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from vllm.config import CacheConfig
-from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
@@ -31,6 +30,7 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 
 from vllm_laguna import kernels
 from vllm_laguna.configs.laguna import LagunaArch
+from vllm_laguna.model_executor.layers.attention_heads import RankHeads
 from vllm_laguna.model_executor.checkpoint import CheckpointError
 
 
@@ -44,24 +44,12 @@ class GatedAttention(nn.Module):
         prefix: str,
     ):
         super().__init__()
-        tp_size = get_tensor_model_parallel_world_size()
         total_heads = arch.heads_per_layer[layer]
-        if total_heads % tp_size:
-            raise ValueError(
-                f"num_attention_heads_per_layer[{layer}]={total_heads} is not divisible by "
-                f"tensor_parallel_size={tp_size}"
-            )
-        if arch.num_kv_heads % tp_size and tp_size % arch.num_kv_heads:
-            raise ValueError(
-                f"num_key_value_heads={arch.num_kv_heads} and tensor_parallel_size={tp_size}: "
-                "one must divide the other"
-            )
+        self.heads = RankHeads.for_this_rank(
+            total_heads, arch.num_kv_heads, arch.head_dim, heads_field=f"num_attention_heads_per_layer[{layer}]"
+        )
         self.head_dim = arch.head_dim
         self.total_heads = total_heads
-        self.num_heads = total_heads // tp_size
-        self.num_kv_heads = max(1, arch.num_kv_heads // tp_size)
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
         self.hidden_size = arch.hidden_size
         self.quant_config = quant_config
         self.prefix = prefix
@@ -94,10 +82,10 @@ class GatedAttention(nn.Module):
             rope_parameters=arch.rope(layer),
         )
         self.attn = Attention(
-            self.num_heads,
+            self.heads.num_heads,
             arch.head_dim,
             arch.head_dim**-0.5,
-            num_kv_heads=self.num_kv_heads,
+            num_kv_heads=self.heads.num_kv_heads,
             cache_config=cache_config,
             quant_config=quant_config,
             per_layer_sliding_window=arch.window(layer),
@@ -138,9 +126,9 @@ class GatedAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim)).view(q.shape)
-        k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim)).view(k.shape)
+        q, k, v = self.heads.split_qkv(qkv)
+        q = self.q_norm(q.reshape(-1, self.heads.num_heads, self.head_dim)).view(q.shape)
+        k = self.k_norm(k.reshape(-1, self.heads.num_kv_heads, self.head_dim)).view(k.shape)
         q, k = self.rotary_emb(positions, q, k)
         out = self.attn(q, k, v)
         if self.gating != "none":

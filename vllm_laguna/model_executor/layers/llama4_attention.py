@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from vllm.config import CacheConfig
-from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention, ChunkedLocalAttention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 
+from vllm_laguna.model_executor.layers.attention_heads import RankHeads
 from vllm_laguna.configs.llama4 import Llama4Arch
 
 
@@ -52,21 +52,8 @@ class Llama4Attention(nn.Module):
         prefix: str,
     ):
         super().__init__()
-        tp_size = get_tensor_model_parallel_world_size()
-        if arch.num_heads % tp_size:
-            raise ValueError(
-                f"num_attention_heads={arch.num_heads} is not divisible by tensor_parallel_size={tp_size}"
-            )
-        if arch.num_kv_heads % tp_size and tp_size % arch.num_kv_heads:
-            raise ValueError(
-                f"num_key_value_heads={arch.num_kv_heads} and tensor_parallel_size={tp_size}: "
-                "one must divide the other"
-            )
+        self.heads = RankHeads.for_this_rank(arch.num_heads, arch.num_kv_heads, arch.head_dim)
         self.head_dim = arch.head_dim
-        self.num_heads = arch.num_heads // tp_size
-        self.num_kv_heads = max(1, arch.num_kv_heads // tp_size)
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
 
         self.qkv_proj = QKVParallelLinear(
             arch.hidden_size,
@@ -100,7 +87,7 @@ class Llama4Attention(nn.Module):
         self.temperature = (arch.floor_scale, arch.attn_scale) if arch.temperature(layer) else None
 
         common = dict(
-            num_kv_heads=self.num_kv_heads,
+            num_kv_heads=self.heads.num_kv_heads,
             cache_config=cache_config,
             quant_config=quant_config,
             prefix=f"{prefix}.attn",
@@ -108,22 +95,22 @@ class Llama4Attention(nn.Module):
         chunk = arch.chunk_size(layer)
         if chunk is not None:
             self.attn = ChunkedLocalAttention(
-                self.num_heads, arch.head_dim, arch.head_dim**-0.5, attention_chunk_size=chunk, **common
+                self.heads.num_heads, arch.head_dim, arch.head_dim**-0.5, attention_chunk_size=chunk, **common
             )
         else:
-            self.attn = Attention(self.num_heads, arch.head_dim, arch.head_dim**-0.5, **common)
+            self.attn = Attention(self.heads.num_heads, arch.head_dim, arch.head_dim**-0.5, **common)
 
     def _norm_heads(self, x: torch.Tensor, num_heads: int) -> torch.Tensor:
         return self.qk_norm(x.reshape(-1, num_heads, self.head_dim)).view(x.shape)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.heads.split_qkv(qkv)
         if self.rotary_emb is not None:
             q, k = self.rotary_emb(positions, q, k)
         if self.qk_norm is not None:
-            q = self._norm_heads(q, self.num_heads)
-            k = self._norm_heads(k, self.num_kv_heads)
+            q = self._norm_heads(q, self.heads.num_heads)
+            k = self._norm_heads(k, self.heads.num_kv_heads)
         if self.temperature is not None:
             q = (q * attention_temperature(positions, *self.temperature)).to(q.dtype)
         out = self.attn(q, k, v)

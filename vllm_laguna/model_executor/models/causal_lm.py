@@ -1,6 +1,8 @@
-"""The frame every model here shares: token embeddings, a layer stack, a final norm, an LM head.
+"""The frame every model here shares: token embeddings, pre-norm residual layers, a final
+norm, an LM head.
 
-A model file defines its layers, a ``DecoderModel`` subclass (decorated with
+A model file defines its token mixer(s) and feed-forward, a ``PreNormDecoderLayer`` subclass
+holding them under their checkpoint names, a ``DecoderModel`` subclass (decorated with
 ``@support_torch_compile``) that builds ``arch``, ``embed_tokens``, ``layers`` and ``norm``,
 and a ``CausalLM`` subclass naming it in ``model_cls`` and mapping its checkpoint names.
 """
@@ -16,6 +18,37 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.interfaces import SupportsQuant
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
+
+
+class PreNormDecoderLayer(nn.Module):
+    """``h = x + mix(norm_1(x))``, ``out = h + ffn(norm_2(h))``, with vLLM's fused add+RMSNorm:
+    the residual stream travels beside the hidden states as ``(hidden, residual)``.
+
+    Subclasses register the norms and the feed-forward under their checkpoint names, list
+    those names in ``norm_names``/``ffn_name``, and override :meth:`mix` if the token mixer
+    is not ``self_attn(positions, x)``.
+    """
+
+    #: attribute names of the norm before the mixer and the norm before the feed-forward
+    norm_names: ClassVar[tuple[str, str]] = ("input_layernorm", "post_attention_layernorm")
+    ffn_name: ClassVar[str] = "mlp"
+
+    def mix(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.self_attn(positions, hidden_states)
+
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mixer_norm = getattr(self, self.norm_names[0])
+        ffn_norm = getattr(self, self.norm_names[1])
+        if residual is None:
+            residual = hidden_states
+            hidden_states = mixer_norm(hidden_states)
+        else:
+            hidden_states, residual = mixer_norm(hidden_states, residual)
+        hidden_states = self.mix(positions, hidden_states)
+        hidden_states, residual = ffn_norm(hidden_states, residual)
+        return getattr(self, self.ffn_name)(hidden_states), residual
 
 
 class DecoderModel(nn.Module):

@@ -34,7 +34,7 @@ from vllm_laguna.model_executor.checkpoint import CheckpointAudit
 from vllm_laguna.model_executor.layers.gated_attention import GatedAttention
 from vllm_laguna.model_executor.layers.routing import SigmoidTopKRouter
 from vllm_laguna.model_executor.layers.swiglu import SwiGLU
-from vllm_laguna.model_executor.models.causal_lm import CausalLM, DecoderModel
+from vllm_laguna.model_executor.models.causal_lm import CausalLM, DecoderModel, PreNormDecoderLayer
 
 
 class LagunaSparseMoeBlock(nn.Module):
@@ -99,7 +99,7 @@ class LagunaSparseMoeBlock(nn.Module):
         return self.experts(hidden_states=x, router_logits=router_logits.float())
 
 
-class LagunaDecoderLayer(nn.Module):
+class LagunaDecoderLayer(PreNormDecoderLayer):
     def __init__(self, vllm_config: VllmConfig, arch: LagunaArch, layer: int, prefix: str):
         super().__init__()
         quant_config = vllm_config.quant_config
@@ -118,18 +118,6 @@ class LagunaDecoderLayer(nn.Module):
             )
         self.input_layernorm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps)
-
-    def forward(
-        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
 
 
 @support_torch_compile

@@ -21,22 +21,21 @@ from torch import nn
 
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
-from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.mamba.mamba_utils import MambaStateCopyFuncCalculator
-from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid, SupportsMambaPrefixCaching
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
+from vllm_laguna.model_executor.layers.attention_heads import RankHeads
 from vllm_laguna.configs.lfm2 import Lfm2Arch, parse_lfm2_config
 from vllm_laguna.model_executor.checkpoint import CheckpointAudit, CheckpointError
 from vllm_laguna.model_executor.layers.short_conv import ShortConv, conv_state_dtype, conv_state_shape
 from vllm_laguna.model_executor.layers.swiglu import SwiGLU
-from vllm_laguna.model_executor.models.causal_lm import CausalLM, DecoderModel
+from vllm_laguna.model_executor.models.causal_lm import CausalLM, DecoderModel, PreNormDecoderLayer
 
 
 class Lfm2Attention(nn.Module):
@@ -46,22 +45,9 @@ class Lfm2Attention(nn.Module):
 
     def __init__(self, vllm_config: VllmConfig, arch: Lfm2Arch, prefix: str):
         super().__init__()
-        tp_size = get_tensor_model_parallel_world_size()
-        if arch.num_heads % tp_size:
-            raise ValueError(
-                f"num_attention_heads={arch.num_heads} is not divisible by tensor_parallel_size={tp_size}"
-            )
-        if arch.num_kv_heads % tp_size and tp_size % arch.num_kv_heads:
-            raise ValueError(
-                f"num_key_value_heads={arch.num_kv_heads} and tensor_parallel_size={tp_size}: "
-                "one must divide the other"
-            )
         quant_config = vllm_config.quant_config
+        self.heads = RankHeads.for_this_rank(arch.num_heads, arch.num_kv_heads, arch.head_dim)
         self.head_dim = arch.head_dim
-        self.num_heads = arch.num_heads // tp_size
-        self.num_kv_heads = max(1, arch.num_kv_heads // tp_size)
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = QKVParallelLinear(
             arch.hidden_size,
             arch.head_dim,
@@ -87,10 +73,10 @@ class Lfm2Attention(nn.Module):
             rope_parameters=arch.rope,
         )
         self.attn = Attention(
-            self.num_heads,
+            self.heads.num_heads,
             arch.head_dim,
             arch.head_dim**-0.5,
-            num_kv_heads=self.num_kv_heads,
+            num_kv_heads=self.heads.num_kv_heads,
             cache_config=vllm_config.cache_config,
             quant_config=quant_config,
             prefix=f"{prefix}.attn",
@@ -98,15 +84,18 @@ class Lfm2Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_layernorm(q.reshape(-1, self.num_heads, self.head_dim)).view(q.shape)
-        k = self.k_layernorm(k.reshape(-1, self.num_kv_heads, self.head_dim)).view(k.shape)
+        q, k, v = self.heads.split_qkv(qkv)
+        q = self.q_layernorm(q.reshape(-1, self.heads.num_heads, self.head_dim)).view(q.shape)
+        k = self.k_layernorm(k.reshape(-1, self.heads.num_kv_heads, self.head_dim)).view(k.shape)
         q, k = self.rotary_emb(positions, q, k)
         out, _ = self.out_proj(self.attn(q, k, v))
         return out
 
 
-class Lfm2DecoderLayer(nn.Module):
+class Lfm2DecoderLayer(PreNormDecoderLayer):
+    norm_names = ("operator_norm", "ffn_norm")
+    ffn_name = "feed_forward"
+
     def __init__(self, vllm_config: VllmConfig, arch: Lfm2Arch, layer: int, prefix: str):
         super().__init__()
         self.is_conv = arch.is_conv(layer)
@@ -126,20 +115,8 @@ class Lfm2DecoderLayer(nn.Module):
         self.operator_norm = RMSNorm(arch.hidden_size, eps=arch.norm_eps)
         self.ffn_norm = RMSNorm(arch.hidden_size, eps=arch.norm_eps)
 
-    def forward(
-        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.operator_norm(hidden_states)
-        else:
-            hidden_states, residual = self.operator_norm(hidden_states, residual)
-        if self.is_conv:
-            hidden_states = self.conv(hidden_states)
-        else:
-            hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = self.ffn_norm(hidden_states, residual)
-        return self.feed_forward(hidden_states), residual
+    def mix(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.conv(hidden_states) if self.is_conv else self.self_attn(positions, hidden_states)
 
 
 @support_torch_compile

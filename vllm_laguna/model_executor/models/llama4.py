@@ -33,10 +33,12 @@ from vllm_laguna.model_executor.checkpoint import CheckpointAudit
 from vllm_laguna.model_executor.layers.llama4_attention import Llama4Attention
 from vllm_laguna.model_executor.layers.llama4_moe import Llama4MoE
 from vllm_laguna.model_executor.layers.swiglu import SwiGLU
-from vllm_laguna.model_executor.models.causal_lm import CausalLM, DecoderModel
+from vllm_laguna.model_executor.models.causal_lm import CausalLM, DecoderModel, PreNormDecoderLayer
 
 
-class Llama4DecoderLayer(nn.Module):
+class Llama4DecoderLayer(PreNormDecoderLayer):
+    ffn_name = "feed_forward"
+
     def __init__(self, vllm_config: VllmConfig, arch: Llama4Arch, layer: int, prefix: str):
         super().__init__()
         quant_config = vllm_config.quant_config
@@ -51,18 +53,6 @@ class Llama4DecoderLayer(nn.Module):
             )
         self.input_layernorm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps)
-
-    def forward(
-        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.feed_forward(hidden_states), residual
 
 
 @support_torch_compile

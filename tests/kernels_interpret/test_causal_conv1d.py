@@ -1,7 +1,6 @@
 """The causal-conv Triton kernels on CPU tensors through the Triton interpreter, against the
-same reference and cases as the torch path. Run by ``test_lfm2_causal_conv1d.py`` in a
-process with ``TRITON_INTERPRET=1`` (it must be set before triton is imported); a plain
-``pytest tests`` does not collect this file."""
+same reference and cases as the torch path (``tests/lfm2_helpers.py``). Run by
+``tests/test_kernels_interpreter.py`` in a process with ``TRITON_INTERPRET=1``."""
 
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ from lfm2_helpers import (
     conv_batch,
 )
 
-assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_lfm2_causal_conv1d.py"
+assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_kernels_interpreter.py"
 
 from vllm_laguna.kernels.causal_conv1d_triton import (  # noqa: E402
     causal_conv1d_decode_triton,
