@@ -7,14 +7,16 @@ holding them under their checkpoint names, a ``DecoderModel`` subclass (decorate
 and a ``CausalLM`` subclass naming it in ``model_cls`` and mapping its checkpoint names.
 """
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from vllm.config import VllmConfig
+from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.interfaces import SupportsQuant
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
@@ -55,14 +57,17 @@ class DecoderModel(nn.Module):
     """``embed_tokens -> layers -> norm``; each layer maps ``(positions, hidden, residual)`` to
     ``(hidden, residual)`` and the final RMSNorm adds the last residual (vLLM's fused add+norm).
 
-    Subclasses set ``arch`` (with ``vocab_size``, ``hidden_size``, ``tie_word_embeddings``),
-    ``embed_tokens``, ``layers`` and ``norm`` in ``__init__(*, vllm_config, prefix)``.
+    Subclasses (``__init__(*, vllm_config, prefix)``, decorated with ``@support_torch_compile``)
+    parse their config into ``arch`` (with ``vocab_size``, ``hidden_size``, ``num_layers``,
+    ``tie_word_embeddings``) and pass it with a layer factory ``make_layer(index, prefix)``.
     """
 
-    arch: object
-    embed_tokens: nn.Module
-    layers: nn.ModuleList
-    norm: nn.Module
+    def __init__(self, arch, make_layer: Callable[[int, str], nn.Module], norm_eps: float, prefix: str):
+        super().__init__()
+        self.arch = arch
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList(make_layer(i, f"{prefix}.layers.{i}") for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, eps=norm_eps)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)

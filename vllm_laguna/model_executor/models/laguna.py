@@ -26,7 +26,6 @@ from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.fused_moe import FusedMoEFactory, GateLinear
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.quantization import QuantizationConfig
-from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
 from vllm_laguna.configs.laguna import LagunaArch, parse_laguna_config
@@ -123,17 +122,10 @@ class LagunaDecoderLayer(PreNormDecoderLayer):
 @support_torch_compile
 class LagunaModel(DecoderModel):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        super().__init__()
         arch = parse_laguna_config(vllm_config.model_config.hf_text_config)
-        self.arch = arch
-        self.embed_tokens = VocabParallelEmbedding(
-            arch.vocab_size, arch.hidden_size, prefix=f"{prefix}.embed_tokens"
+        super().__init__(
+            arch, lambda i, p: LagunaDecoderLayer(vllm_config, arch, i, prefix=p), arch.rms_norm_eps, prefix
         )
-        self.layers = nn.ModuleList(
-            LagunaDecoderLayer(vllm_config, arch, i, prefix=f"{prefix}.layers.{i}")
-            for i in range(arch.num_layers)
-        )
-        self.norm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps)
 
 
 class LagunaForCausalLM(CausalLM):

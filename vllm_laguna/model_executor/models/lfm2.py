@@ -26,7 +26,6 @@ from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.mamba.mamba_utils import MambaStateCopyFuncCalculator
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid, SupportsMambaPrefixCaching
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
@@ -124,14 +123,10 @@ class Lfm2Model(DecoderModel):
     """The final norm is the checkpoint's ``embedding_norm`` (loaded as ``norm``)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        super().__init__()
         arch = parse_lfm2_config(vllm_config.model_config.hf_text_config)
-        self.arch = arch
-        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, prefix=f"{prefix}.embed_tokens")
-        self.layers = nn.ModuleList(
-            Lfm2DecoderLayer(vllm_config, arch, i, prefix=f"{prefix}.layers.{i}") for i in range(arch.num_layers)
+        super().__init__(
+            arch, lambda i, p: Lfm2DecoderLayer(vllm_config, arch, i, prefix=p), arch.norm_eps, prefix
         )
-        self.norm = RMSNorm(arch.hidden_size, eps=arch.norm_eps)
 
 
 class Lfm2ForCausalLM(CausalLM, HasInnerState, IsHybrid, SupportsMambaPrefixCaching):

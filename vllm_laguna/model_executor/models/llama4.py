@@ -20,12 +20,10 @@ The config is read once by :func:`vllm_laguna.configs.llama4.parse_llama4_config
 from collections.abc import Iterable
 
 import torch
-from torch import nn
 
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
 from vllm_laguna.configs.llama4 import Llama4Arch, check_chunk_fits_kv_blocks, parse_llama4_config
@@ -58,18 +56,11 @@ class Llama4DecoderLayer(PreNormDecoderLayer):
 @support_torch_compile
 class Llama4Model(DecoderModel):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        super().__init__()
         arch = parse_llama4_config(vllm_config.model_config.hf_config)
         check_chunk_fits_kv_blocks(arch, vllm_config.cache_config.block_size)
-        self.arch = arch
-        self.embed_tokens = VocabParallelEmbedding(
-            arch.vocab_size, arch.hidden_size, prefix=f"{prefix}.embed_tokens"
+        super().__init__(
+            arch, lambda i, p: Llama4DecoderLayer(vllm_config, arch, i, prefix=p), arch.rms_norm_eps, prefix
         )
-        self.layers = nn.ModuleList(
-            Llama4DecoderLayer(vllm_config, arch, i, prefix=f"{prefix}.layers.{i}")
-            for i in range(arch.num_layers)
-        )
-        self.norm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps)
 
 
 #: where a multimodal checkpoint keeps the text tower, and what else it holds
