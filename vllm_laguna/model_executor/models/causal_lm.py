@@ -22,6 +22,20 @@ from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 
+#: checkpoint q/k/v projections -> shards of vLLM's fused ``qkv_proj`` (a ``WeightsMapper``'s
+#: ``orig_to_new_stacked`` entries)
+QKV_SHARDS = {".q_proj": (".qkv_proj", "q"), ".k_proj": (".qkv_proj", "k"), ".v_proj": (".qkv_proj", "v")}
+
+
+def swiglu_shards(*parents: str) -> dict[str, tuple[str, int]]:
+    """``{parent}.gate_proj``/``up_proj`` -> shards 0/1 of ``{parent}.gate_up_proj`` (see SwiGLU)."""
+    return {
+        f"{parent}.{proj}": (f"{parent}.gate_up_proj", shard)
+        for parent in parents
+        for shard, proj in enumerate(("gate_proj", "up_proj"))
+    }
+
+
 class PreNormDecoderLayer(nn.Module):
     """``h = x + mix(norm_1(x))``, ``out = h + ffn(norm_2(h))``, with vLLM's fused add+RMSNorm:
     the residual stream travels beside the hidden states as ``(hidden, residual)``.
@@ -91,6 +105,8 @@ class CausalLM(nn.Module, SupportsQuant):
     """vLLM's model interface around a :class:`DecoderModel`: LM head (tied or not) and logits."""
 
     model_cls: ClassVar[type[DecoderModel]]
+    #: fused modules -> the checkpoint modules they hold (for quant configs' ignore/target lists)
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()

@@ -33,7 +33,13 @@ from vllm_laguna.model_executor.checkpoint import CheckpointAudit
 from vllm_laguna.model_executor.layers.gated_attention import GatedAttention
 from vllm_laguna.model_executor.layers.routing import SigmoidTopKRouter
 from vllm_laguna.model_executor.layers.swiglu import SwiGLU
-from vllm_laguna.model_executor.models.causal_lm import CausalLM, DecoderModel, PreNormDecoderLayer
+from vllm_laguna.model_executor.models.causal_lm import (
+    QKV_SHARDS,
+    CausalLM,
+    DecoderModel,
+    PreNormDecoderLayer,
+    swiglu_shards,
+)
 
 
 class LagunaSparseMoeBlock(nn.Module):
@@ -132,10 +138,6 @@ class LagunaForCausalLM(CausalLM):
     """vLLM entry point for ``LagunaForCausalLM`` checkpoints (Hub or transformers layout)."""
 
     model_cls = LagunaModel
-    packed_modules_mapping = {
-        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
-        "gate_up_proj": ["gate_proj", "up_proj"],
-    }
     # transformers' save_pretrained layout -> the Hub layout our modules are named after.
     # Fused experts (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]) keep
     # their names: vLLM's fused-MoE loader splits them.
@@ -144,15 +146,7 @@ class LagunaForCausalLM(CausalLM):
             ".mlp.shared_experts.": ".mlp.shared_expert.",
             ".mlp.experts.e_score_correction_bias": ".mlp.gate.e_score_correction_bias",
         },
-        orig_to_new_stacked={
-            ".q_proj": (".qkv_proj", "q"),
-            ".k_proj": (".qkv_proj", "k"),
-            ".v_proj": (".qkv_proj", "v"),
-            ".shared_expert.gate_proj": (".shared_expert.gate_up_proj", 0),
-            ".shared_expert.up_proj": (".shared_expert.gate_up_proj", 1),
-            ".mlp.gate_proj": (".mlp.gate_up_proj", 0),
-            ".mlp.up_proj": (".mlp.gate_up_proj", 1),
-        },
+        orig_to_new_stacked=QKV_SHARDS | swiglu_shards(".shared_expert", ".mlp"),
     )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -31,7 +31,13 @@ from vllm_laguna.model_executor.checkpoint import CheckpointAudit
 from vllm_laguna.model_executor.layers.llama4_attention import Llama4Attention
 from vllm_laguna.model_executor.layers.llama4_moe import Llama4MoE
 from vllm_laguna.model_executor.layers.swiglu import SwiGLU
-from vllm_laguna.model_executor.models.causal_lm import CausalLM, DecoderModel, PreNormDecoderLayer
+from vllm_laguna.model_executor.models.causal_lm import (
+    QKV_SHARDS,
+    CausalLM,
+    DecoderModel,
+    PreNormDecoderLayer,
+    swiglu_shards,
+)
 
 
 class Llama4DecoderLayer(PreNormDecoderLayer):
@@ -77,23 +83,10 @@ class Llama4ForCausalLM(CausalLM):
     """vLLM entry point for Llama 4 text checkpoints (and multimodal ones' text tower)."""
 
     model_cls = Llama4Model
-
-    packed_modules_mapping = {
-        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
-        "gate_up_proj": ["gate_proj", "up_proj"],
-    }
     # Fused experts keep their names: vLLM's fused-MoE loader splits (and, being stored
     # as `x @ W`, transposes) them; so do per-expert tensors.
     hf_to_vllm_mapper = MULTIMODAL_PREFIXES | WeightsMapper(
-        orig_to_new_stacked={
-            ".q_proj": (".qkv_proj", "q"),
-            ".k_proj": (".qkv_proj", "k"),
-            ".v_proj": (".qkv_proj", "v"),
-            ".shared_expert.gate_proj": (".shared_expert.gate_up_proj", 0),
-            ".shared_expert.up_proj": (".shared_expert.gate_up_proj", 1),
-            ".feed_forward.gate_proj": (".feed_forward.gate_up_proj", 0),
-            ".feed_forward.up_proj": (".feed_forward.gate_up_proj", 1),
-        },
+        orig_to_new_stacked=QKV_SHARDS | swiglu_shards(".shared_expert", ".feed_forward"),
     )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
