@@ -1,8 +1,9 @@
 """vLLM plugin: Laguna, LFM2 and Llama 4 text models, and the Laguna parsers.
 
 vLLM calls :func:`register` (entry point ``vllm.general_plugins: laguna``) in every process
-it starts, possibly several times. It only records lazy ``"module:Class"`` strings, so it
-imports nothing heavy and initialises no device.
+it starts, possibly several times. It only records lazy ``"module:Class"`` strings and the
+start-up checks (:mod:`vllm_laguna.startup_checks`), so it imports none of our model, kernel
+or parser code and initialises no device.
 """
 
 __version__ = "0.1.0"
@@ -44,4 +45,12 @@ def register() -> None:
         ReasoningParserManager.register_lazy_module(name, module, cls)
     for name, (module, cls) in TOOL_PARSERS.items():
         ToolParserManager.register_lazy_module(name, module, cls)
+
+    from vllm_laguna import startup_checks
+
+    startup_checks.install(list(MODELS))
+    if not startup_checks.multimodal_llama4_importable():
+        # vLLM's multimodal Llama 4 cannot even be inspected here; our text class lets vLLM
+        # resolve the architecture, and the start-up check then says which override to use.
+        ModelRegistry.register_model(startup_checks.MULTIMODAL_LLAMA4, MODELS["Llama4ForCausalLM"])
     _registered = True

@@ -61,13 +61,16 @@ def build_scripted(
     chains: Sequence[Sequence[str]],
     *,
     special_markers: bool = True,
+    thinking_by_default: bool = False,
     spec: LagunaTiny | None = None,
     **options: Any,
 ) -> Path:
     """Write a checkpoint whose greedy continuation of any prompt ending in a chain's
     piece follows that chain. ``special_markers``: whether the tokenizer calls
     ``<think>``/``<tool_call>``... special (then only a parser that asks for
-    ``skip_special_tokens=False`` sees them). ``options`` override fields of ``spec``."""
+    ``skip_special_tokens=False`` sees them). ``thinking_by_default``: the chat template
+    opens the reasoning unless the request turns it off (S-2.1's default; XS.2's is off).
+    ``options`` override fields of ``spec``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     edges = script_edges(chains)
@@ -77,7 +80,13 @@ def build_scripted(
             raise ValueError(f"script piece {piece!r} contains a marker token; make the marker a piece of its own")
     # extra pieces are stored in the byte-level alphabet, as the decoder reads every token
     extra = {p: _byte_level(p) for p in pieces if p not in SINGLE_TOKEN_MARKERS}
-    tokenizer_size = build_tokenizer(out, 512, special_markers=special_markers, extra_tokens=list(extra.values()))
+    tokenizer_size = build_tokenizer(
+        out,
+        512,
+        special_markers=special_markers,
+        extra_tokens=list(extra.values()),
+        thinking_by_default=thinking_by_default,
+    )
 
     from transformers import AutoTokenizer
 

@@ -37,6 +37,17 @@ SPECIAL_IDS = {
 NUM_SPECIAL = 32
 
 CHAT_TEMPLATE = (Path(__file__).with_name("chat_template.jinja")).read_text()
+#: the template line that makes thinking off unless the request turns it on (XS.2's default)
+_THINKING_OFF_BY_DEFAULT = "enable_thinking if enable_thinking is defined else false"
+assert _THINKING_OFF_BY_DEFAULT in CHAT_TEMPLATE
+
+
+def chat_template(thinking_by_default: bool = False) -> str:
+    """The XS.2 chat template; ``thinking_by_default`` opens the reasoning unless the request
+    says ``enable_thinking=False``, as Laguna S-2.1's template does."""
+    if not thinking_by_default:
+        return CHAT_TEMPLATE
+    return CHAT_TEMPLATE.replace(_THINKING_OFF_BY_DEFAULT, _THINKING_OFF_BY_DEFAULT.removesuffix("false") + "true")
 
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.
@@ -65,11 +76,13 @@ def build_tokenizer(
     *,
     special_markers: bool = False,
     extra_tokens: Sequence[str] = (),
+    thinking_by_default: bool = False,
 ) -> int:
     """Train and save the tokenizer (``tokenizer.json`` + config with the chat template).
 
     ``extra_tokens`` are appended as plain added tokens (ids from the trained vocabulary's
-    size on), e.g. the pieces of a scripted checkpoint. Returns the tokenizer's length,
+    size on), e.g. the pieces of a scripted checkpoint. ``thinking_by_default``: see
+    :func:`chat_template`. Returns the tokenizer's length,
     which the model's vocabulary must cover.
     """
     import json
@@ -106,6 +119,6 @@ def build_tokenizer(
         additional_special_tokens=[ASSISTANT, END_ASSISTANT, *(MARKERS if special_markers else ())],
         clean_up_tokenization_spaces=False,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template(thinking_by_default)
     fast.save_pretrained(str(out_dir))
     return len(fast)
