@@ -60,7 +60,7 @@ def test_server_splits_reasoning_and_types_the_call(run):
     (call,) = [value for name, value in got if name == "tool call"]
     name, arguments = call.split(" ", 1)
     assert (name, json.JSONDecoder().raw_decode(arguments)[0]) == CALL
-    assert "days: int" in call
+    assert call.endswith("(typed by the tool's schema: city str, days int)")
     assert dict(got)["finish_reason"] == "tool_calls"
 
 

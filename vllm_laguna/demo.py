@@ -147,8 +147,8 @@ def complete(client, **extra) -> None:
     field("content", repr(choice.message.content))
     for call in choice.message.tool_calls or []:
         arguments = json.loads(call.function.arguments)
-        types = ", ".join(f"{k}: {type(v).__name__}" for k, v in arguments.items())
-        field("tool call", f"{call.function.name} {call.function.arguments}  ({types}: typed by the tool's schema)")
+        types = ", ".join(f"{k} {type(v).__name__}" for k, v in arguments.items())
+        field("tool call", f"{call.function.name} {call.function.arguments}  (typed by the tool's schema: {types})")
     field("finish_reason", choice.finish_reason)
 
 
@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         from openai import OpenAI
 
         client = OpenAI(base_url=server.url, api_key="unused", max_retries=0)
-        part(2, "A chat request with a tool, through vllm serve and the openai client: the laguna parsers split "
-             "the reasoning, which ends where the tool call starts, and type the call")  # fmt: skip
+        part(2, "vllm serve + openai client, a chat request with a tool: the laguna parsers end the reasoning "
+             "where the tool call starts and type its arguments")  # fmt: skip
         complete(client)
         part(3, "The same request streamed: each delta as it arrives")
         streamed(client)
