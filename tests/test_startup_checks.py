@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -170,16 +169,3 @@ def test_checks_run_for_our_architectures_only():
     vllm_laguna.register()
     ours = {a for a, cls in MODELS_CONFIG_MAP.items() if cls is startup_checks.StartupChecks}
     assert ours == {*vllm_laguna.MODELS, startup_checks.MULTIMODAL_LLAMA4}
-
-
-def test_register_stays_cheap():
-    """register() with the checks installed still imports no model, kernel or parser code
-    (test_plugin checks our modules), and none of vLLM's model code either."""
-    code = (
-        "import sys, vllm_laguna; vllm_laguna.register(); "
-        "print(sorted(m for m in sys.modules if m.startswith('vllm.model_executor.models.')))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
-    imported = eval(out.stdout.strip().splitlines()[-1])
-    registry = {f"vllm.model_executor.models.{m}" for m in ("registry", "interfaces", "interfaces_base")}
-    assert set(imported) <= registry | {"vllm.model_executor.models.config"}, imported

@@ -28,8 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import vllm_laguna
-
 #: the script, as chains of pieces (one token each); see vllm_laguna.tiny.scripted
 THINKING = ["<think>", "The user", " wants the", " weather in Paris:", " a job for", " get_weather.", "<tool_call>"]
 NOT_THINKING = ["</think>", "Let me", " check the", " forecast.", "<tool_call>"]
@@ -64,12 +62,16 @@ GPU_SHARE = 0.4
 
 
 def checkpoint(cache_dir: Path | None = None) -> Path:
-    """The demo's scripted checkpoint, built on first use; its directory name changes with
-    the script and this package's version, so a stale build is never reused."""
+    """The demo's scripted checkpoint, built on first use; its directory name is a hash of the
+    script and of the builder's sources (``vllm_laguna/tiny``), so a stale build is never reused."""
+    from vllm_laguna import tiny
     from vllm_laguna.tiny.scripted import build_scripted
 
     root = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vllm-laguna"
-    key = hashlib.sha256(json.dumps([vllm_laguna.__version__, SCRIPT]).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps(SCRIPT).encode())
+    for source in sorted(Path(tiny.__file__).parent.glob("*.*")):
+        digest.update(source.read_bytes())
+    key = digest.hexdigest()[:12]
     path = root / f"demo-{key}"
     if not path.exists():
         root.mkdir(parents=True, exist_ok=True)
