@@ -62,7 +62,7 @@ def test_what_works_where_follows_the_cpu(lines):
     isas = lscpu_isas()
     for path, needs in CPU_PATHS.items():
         runs = any(isa in isas for isa in needs)
-        assert lines[path].startswith("yes" if runs else "no: needs"), (path, lines[path])
+        assert lines[path].split(":")[0] == ("yes" if runs else "no"), (path, lines[path])
 
 
 def test_versions(lines):
