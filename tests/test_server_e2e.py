@@ -19,14 +19,13 @@ One server serves every check of this module, the 32-stream load test included.
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from laguna_parsing import TOOLS, composed_parser_cls, parse_complete
+from serving import vllm_serve
 
-from vllm_laguna.local_server import LocalServer
 from vllm_laguna.tiny.scripted import build_scripted
 
 pytestmark = pytest.mark.slow
@@ -65,16 +64,13 @@ MODEL = "laguna-scripted"
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("laguna-server")
     checkpoint = build_scripted(root / "ckpt", [REASONING, CONTENT, CALL], special_markers=True)
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # the user's default
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="INFO")
-    args = [
+    flags = [
         "--served-model-name", MODEL,
         "--reasoning-parser", "laguna", "--tool-call-parser", "laguna", "--enable-auto-tool-choice",
         "--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", "32", "--enforce-eager",
     ]  # fmt: skip
-    with LocalServer(checkpoint, args, log=root / "server.log", env=env) as server:
-        server.wait_healthy(timeout=900)
-        yield server.url
+    with vllm_serve(checkpoint, root / "server.log", *flags) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
