@@ -43,19 +43,45 @@ _MAMBA_UTILS = "vllm.model_executor.layers.mamba.mamba_utils"
 PINS: dict[str, tuple[str, ...]] = {
     # plugin registration
     "vllm:ModelRegistry": ("register_model", "models"),
-    "vllm.reasoning:ReasoningParserManager": ("register_lazy_module",),
-    "vllm.tool_parsers:ToolParserManager": ("register_lazy_module",),
+    "vllm.reasoning:ReasoningParserManager": ("register_lazy_module", "get_reasoning_parser"),
+    "vllm.tool_parsers:ToolParserManager": ("register_lazy_module", "get_tool_parser"),
+    # start-up checks: vLLM calls the class MODELS_CONFIG_MAP holds for the architecture
+    "vllm.model_executor.models.config:MODELS_CONFIG_MAP": (),
+    "vllm.model_executor.models.config:VerifyAndUpdateConfig": (
+        "verify_and_update_config", "verify_and_update_model_config",
+    ),
+    "vllm.platforms:current_platform": (),
+    "vllm.utils.cpu_resource_utils:get_allowed_cpu_list": (),
+    "vllm.utils.cpu_resource_utils:get_visible_memory_node": (),
+    "vllm.utils.cpu_resource_utils:get_memory_node_info": ("node_id",),
+    "vllm.utils.cpu_resource_utils:MemoryNodeInfo": ("total_memory", "available_memory"),
+    "vllm.utils.cpu_resource_utils:LogicalCPUInfo": ("numa_node",),
+    # the environment report
+    "vllm.plugins:DEFAULT_PLUGINS_GROUP": (),
+    "vllm.plugins:load_general_plugins": (),
+    "vllm.plugins:load_plugins_by_group": ("group",),
+    "vllm.collect_env:run": ("command",),
+    "vllm.collect_env:get_os": ("run_lambda",),
+    "vllm.collect_env:get_python_platform": (),
+    "vllm.collect_env:get_cpu_info": ("run_lambda",),
+    "vllm.collect_env:get_nvidia_driver_version": ("run_lambda",),
+    "vllm.collect_env:get_env_vars": (),
+    "vllm.collect_env:get_pretty_env_info": (),
     # the demo
-    "vllm:LLM": ("model", "chat"),
-    "vllm.engine.arg_utils:EngineArgs": ("dtype", "enforce_eager", "max_model_len"),  # LLM(**kwargs)
+    "vllm:LLM": ("model", "chat", "apply_model", "get_tokenizer", "llm_engine"),
+    "vllm.engine.arg_utils:EngineArgs": (  # LLM(**kwargs), and the start-up check tests
+        "dtype", "enforce_eager", "max_model_len", "distributed_executor_backend", "gpu_memory_utilization",
+        "kv_cache_memory_bytes", "reasoning_parser", "hf_overrides", "create_engine_config",
+    ),
     "vllm:SamplingParams": ("temperature", "max_tokens"),
     # config objects the models read
     "vllm.config:VllmConfig": (
         "model_config", "cache_config", "quant_config", "parallel_config", "compilation_config",
-        "num_speculative_tokens",
+        "num_speculative_tokens", "structured_outputs_config",
     ),
-    "vllm.config:ModelConfig": ("dtype", "hf_config", "hf_text_config"),
-    "vllm.config:CacheConfig": ("mamba_cache_dtype", "block_size"),
+    "vllm.config:ModelConfig": ("dtype", "hf_config", "hf_text_config", "architecture"),
+    "vllm.config:CacheConfig": ("mamba_cache_dtype", "block_size", "kv_cache_memory_bytes", "gpu_memory_utilization"),
+    "vllm.config.structured_outputs:StructuredOutputsConfig": ("reasoning_parser",),
     "vllm.config:get_current_vllm_config": (),
     "vllm.config.compilation:CompilationConfig": ("custom_ops", "splitting_ops", "static_forward_context"),
     "vllm.config.parallel:ParallelConfig": ("tensor_parallel_size",),
@@ -167,6 +193,12 @@ HOOKS: tuple[tuple[str, str], ...] = (
     ("vllm.platforms.interface", "get_mamba_state_dtype_from_config"),
     # our routers refuse monolithic MoE kernels
     ("vllm.model_executor.layers.fused_moe.layer", "supports_monolithic_kernels@0.33"),
+    # the start-up checks, looked up in MODELS_CONFIG_MAP while the engine config is built
+    ("vllm.config.vllm", "MODELS_CONFIG_MAP"),
+    ("vllm.config.vllm", "verify_and_update_config"),
+    ("vllm.config.model", "verify_and_update_model_config"),
+    # the KV-cache size the CPU platform reads (the start-up check reads it before the platform does)
+    ("vllm.platforms.cpu", "VLLM_CPU_KVCACHE_SPACE"),
 )
 
 

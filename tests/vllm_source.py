@@ -97,6 +97,9 @@ class SourceTree:
         lazy = self._lazy_attr(module, tree, name)
         if lazy:
             return self.resolve(*lazy, seen)
+        declared = self._getattr_declared(tree, name)
+        if declared:
+            return Definition(module, declared)
         for source in stars:
             found = self.resolve(source, name, seen)
             if found:
@@ -113,6 +116,19 @@ class SourceTree:
                 if name in table:
                     target, attr = table[name].split(":")
                     return (module + target if target.startswith(".") else target), attr
+        return None
+
+    @staticmethod
+    def _getattr_declared(tree: ast.Module, name: str) -> ast.AnnAssign | None:
+        """A module attribute its ``__getattr__`` makes on first use, declared for type
+        checkers (``if TYPE_CHECKING: current_platform: Platform``)."""
+        if not any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in tree.body):
+            return None
+        for node in tree.body:
+            if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+                for item in node.body:
+                    if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.target.id == name:
+                        return item
         return None
 
     # -- members -----------------------------------------------------------------------

@@ -41,15 +41,15 @@ def versions() -> Iterator[str]:
     import torch
     import transformers
     import vllm
-    from vllm import collect_env
+    from vllm.collect_env import get_os, get_python_platform, run
 
     yield "Versions"
     yield _line("vllm-laguna", f"{vllm_laguna.__version__}  ({Path(vllm_laguna.__file__).parent})")
     yield _line("vLLM", f"{vllm.__version__}  (installed as {', '.join(vllm_distributions()) or 'unknown'})")
     yield _line("torch", torch.__version__)
     yield _line("transformers", transformers.__version__)
-    yield _line("Python", f"{sys.version.split()[0]}  ({collect_env.get_python_platform()})")
-    yield _line("OS", collect_env.get_os(collect_env.run))
+    yield _line("Python", f"{sys.version.split()[0]}  ({get_python_platform()})")
+    yield _line("OS", get_os(run))
 
 
 def plugin() -> Iterator[str]:
@@ -112,22 +112,22 @@ def platform() -> Iterator[str]:
 
 def _gpus() -> Iterator[str]:
     import torch
-    from vllm import collect_env
+    from vllm.collect_env import get_nvidia_driver_version, run
 
     for index in range(torch.cuda.device_count()):
         major, minor = torch.cuda.get_device_capability(index)
         yield _line(f"GPU {index}", f"{torch.cuda.get_device_name(index)}  (compute capability {major}.{minor})")
-    yield _line("driver", collect_env.get_nvidia_driver_version(collect_env.run))
+    yield _line("driver", get_nvidia_driver_version(run))
     yield _line("CUDA (torch)", torch.version.cuda)
 
 
 def _cpu() -> Iterator[str]:
-    from vllm import collect_env
+    from vllm.collect_env import get_cpu_info, run
 
     from vllm_laguna import startup_checks
     from vllm_laguna.cpu_kind import detect
 
-    lscpu = collect_env.get_cpu_info(collect_env.run)
+    lscpu = get_cpu_info(run)
     model = re.search(r"^Model name:\s*(.+)$", lscpu, re.MULTILINE)
     yield _line("CPU", f"{model.group(1) if model else 'unknown'}, {len(os.sched_getaffinity(0))} CPUs usable")
     kind = detect()
@@ -163,10 +163,10 @@ def works_here() -> Iterator[str]:
 
 
 def environment_variables() -> Iterator[str]:
-    from vllm import collect_env
+    from vllm.collect_env import get_env_vars
 
     yield "Environment variables (vLLM's list, secrets left out)"
-    for line in collect_env.get_env_vars().splitlines() or ["none set"]:
+    for line in get_env_vars().splitlines() or ["none set"]:
         yield f"  {line}"
 
 
@@ -174,9 +174,9 @@ def report(full: bool = False) -> str:
     sections = [versions(), plugin(), platform(), works_here(), environment_variables()]
     text = "\n\n".join("\n".join(section) for section in sections)
     if full:
-        from vllm import collect_env
+        from vllm.collect_env import get_pretty_env_info
 
-        text += "\n\nvLLM's collect_env\n" + collect_env.get_pretty_env_info()
+        text += "\n\nvLLM's collect_env\n" + get_pretty_env_info()
     return text
 
 

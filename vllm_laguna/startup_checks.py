@@ -3,10 +3,13 @@ our architectures: three likely first mistakes, each answered with what to do in
 
 * **No KV-cache size on CPU.** Without ``VLLM_CPU_KVCACHE_SPACE`` (or
   ``--kv-cache-memory-bytes``) vLLM's CPU worker reserves ``--gpu-memory-utilization``
-  (0.92) of its NUMA node's memory, and refuses to start when that much is not free, with a
-  message that only suggests lowering ``--gpu-memory-utilization``. Where vLLM would refuse,
-  we refuse first (seconds into ``vllm serve`` instead of after the engine processes start)
-  and say to set ``VLLM_CPU_KVCACHE_SPACE``; where it would not, we warn how much it takes.
+  (0.92) of its NUMA node's memory, and refuses when that much is not free, with a message
+  that suggests lowering ``--gpu-memory-utilization`` or freeing memory. Where vLLM would
+  refuse, we refuse first (seconds into ``vllm serve`` instead of after the engine processes
+  start) and say to set ``VLLM_CPU_KVCACHE_SPACE``; where it would not, we warn how much it
+  takes. (vLLM 0.32 compares the reservation with the free memory when the worker starts;
+  0.33 compares the reservation less the worker's own footprint, at the KV-cache
+  allocation, so 0.33 may still start where we refuse by less than that footprint.)
 * **``poolside_v1`` on a Laguna model.** vLLM's in-tree reasoning parser keeps a tool call
   made while thinking inside ``reasoning`` (no ``tool_calls``; measured on the scripted
   checkpoint) and leaves a thinking-by-default template's reasoning (S-2.1) in ``content``.
@@ -139,7 +142,7 @@ def check_cpu_kv_cache(cache_config: CacheConfig) -> None:
     if requested > available:
         raise ValueError(
             f"vllm-laguna: {KV_SPACE} is not set, so {reserve}; only {available / _GIB:.2f} GiB is free, and "
-            f"vLLM would stop with 'Available memory ... is less than desired CPU memory utilization'. {fix}."
+            f"vLLM would stop with 'Available memory on node {node} ... is less than ...'. {fix}."
         )
     logger.warning("vllm-laguna: %s is not set, so %s. %s.", KV_SPACE, reserve, fix)
 
