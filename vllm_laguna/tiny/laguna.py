@@ -91,8 +91,17 @@ class LagunaTiny:
 
     @classmethod
     def preset(cls, name: str) -> LagunaTiny:
-        """``default``: the tiny test model; ``xs2-scaled``: Laguna-XS.2's structure at
-        1/2 width and 1/5 depth (benchmarks)."""
+        """``default``: the tiny test model; ``xs2-scaled``: the benchmark model of
+        ``benchmarks/cpu.py``, Laguna-XS.2's structure at 1/4 width and 1/5 depth.
+
+        ``xs2-scaled`` keeps XS.2's head_dim (128), layer pattern (full, sliding x3), window
+        (512), layer-0 dense MLP at 4x hidden, expert and shared-expert width at hidden/4,
+        top-8 routing, KV width hidden/2 and the (full : sliding) query-width ordering; it
+        scales hidden 2048 -> 512, 40 -> 8 layers, 48/64 -> 8/16 query heads (GQA 4/8),
+        256 -> 64 experts and the vocabulary 100352 -> 32768. Attention and the active
+        experts stay about equal in weight per layer, as in XS.2. 143M parameters; a batch-1
+        decode step reads ~99 MB of bf16 weights (34 MB of them the LM head).
+        """
         if name == "default":
             return cls()
         if name == "xs2-scaled":
@@ -101,20 +110,20 @@ class LagunaTiny:
             rope["full_attention"]["original_max_position_embeddings"] = 4096
             return cls(
                 num_layers=8,
-                hidden_size=1024,
+                hidden_size=512,
                 head_dim=128,
-                num_kv_heads=8,
-                heads_per_layer=[24 if t == "full_attention" else 32 for t in pattern * 2],
+                num_kv_heads=2,
+                heads_per_layer=[8 if t == "full_attention" else 16 for t in pattern * 2],
                 layer_types=pattern * 2,
                 sliding_window=512,
                 rope_parameters=rope,
                 max_position_embeddings=131072,
                 mlp_layer_types=["dense"] + ["sparse"] * 7,
-                intermediate_size=4096,
-                num_experts=256,
+                intermediate_size=2048,
+                num_experts=64,
                 top_k=8,
-                moe_intermediate_size=256,
-                shared_expert_intermediate_size=256,
+                moe_intermediate_size=128,
+                shared_expert_intermediate_size=128,
                 vocab_size=32768,
                 dtype="bfloat16",
                 weight_std=0.02,
