@@ -111,6 +111,12 @@ PINS: dict[str, tuple[str, ...]] = {
     f"{_LINEAR}:ReplicatedLinear": ("bias", "quant_config", "prefix"),
     f"{_LINEAR}:RowParallelLinear": ("bias", "quant_config", "prefix", "reduce_results"),
     f"{_LINEAR}:UnquantizedLinearMethod": (),
+    # the CPU bf16 linear (layers/cpu_gemm.py): vLLM's oneDNN handler over an fp32 copy
+    f"{_LINEAR}:LinearBase": ("quant_method",),
+    "vllm.model_executor.layers.vocab_parallel_embedding:UnquantizedEmbeddingMethod": (),
+    "vllm:_custom_ops": (),
+    "vllm._custom_ops:_supports_onednn": (),
+    "vllm._custom_ops:create_onednn_mm": (),
     "vllm.model_executor.layers.logits_processor:LogitsProcessor": ("vocab_size",),
     "vllm.model_executor.layers.quantization:QuantizationConfig": (),
     "vllm.model_executor.layers.rotary_embedding:get_rope": (
