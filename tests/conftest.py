@@ -84,9 +84,14 @@ def parser_errors():
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The worst top-5 logprob gap of each parity comparison (``harness.assert_parity``)."""
-    if not harness.PARITY_GAPS:
-        return
-    terminalreporter.section(f"parity: worst top-5 logprob gap per test (bound {harness.LOGPROB_ATOL:g})")
-    for test, gap in sorted(harness.PARITY_GAPS.items()):
-        terminalreporter.write_line(f"{gap:9.2e}  {test}")
+    """The worst top-5 logprob gap of each parity comparison (``harness.assert_parity``), and
+    how far turning each covered feature off moves transformers' own output."""
+    sections = [
+        (harness.PARITY_GAPS, f"parity: worst top-5 logprob gap per test (bound {harness.LOGPROB_ATOL:g})"),
+        (harness.FEATURE_EFFECTS, f"features: change of transformers' top-5 logprobs when off (at least {harness.FEATURE_EFFECT:g})"),
+    ]
+    for values, title in sections:
+        if values:
+            terminalreporter.section(title)
+            for test, value in sorted(values.items()):
+                terminalreporter.write_line(f"{value:9.2e}  {test}")

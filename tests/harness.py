@@ -8,12 +8,14 @@ without paying three interpreter start-ups per checkpoint. Runs that need severa
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -28,6 +30,8 @@ FEATURE_EFFECT = 10 * LOGPROB_ATOL
 
 #: worst gap of every assert_parity call of this session, by test (conftest prints them)
 PARITY_GAPS: dict[str, float] = {}
+#: what turning a feature off did to transformers' output, by test (conftest prints them)
+FEATURE_EFFECTS: dict[str, float] = {}
 
 
 @dataclass
@@ -186,9 +190,9 @@ def assert_parity(
     return worst
 
 
-def _record_gap(gap: float) -> None:
+def _record_gap(gap: float, record: dict[str, float] = PARITY_GAPS) -> None:
     test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
-    PARITY_GAPS[test] = max(gap, PARITY_GAPS.get(test, 0.0))
+    record[test] = max(gap, record.get(test, 0.0))
 
 
 @torch.no_grad()
@@ -236,6 +240,7 @@ def assert_feature_changes_reference(
     than :data:`FEATURE_EFFECT`: a model ignoring the feature fails the parity test."""
     changed = reference_logprobs(model_dir, prompts, off.config, off.zero, off.model_cls)
     effect = feature_effect(baseline, changed)
+    _record_gap(effect, FEATURE_EFFECTS)
     assert effect > FEATURE_EFFECT, f"turning {off} off changes transformers' top-5 logprobs by only {effect:.2g}"
     return effect
 
@@ -265,3 +270,51 @@ def assert_close_greedy_bf16(expected: Sequence[Greedy], actual: Sequence[Greedy
         else:
             identical += 1
     return identical
+
+
+def keys_left_at_default(parse: Callable, configs: Sequence[dict]) -> list[str]:
+    """The config keys ``parse`` reads that hold its default value in every one of ``configs``.
+
+    ``configs`` are raw ``config.json`` dicts. A key counts as set when removing it from
+    some config changes what ``parse`` returns (or makes it raise): that config holds a value
+    other than the parser's default. Keys inside dict values (a rope dict, rope dicts per
+    layer type) count one by one, as ``rope_parameters.full_attention.factor``. A key read
+    but absent from every config is left at its default too. A parity test on configs that
+    leave a key at its default cannot tell a model that ignores the key.
+    """
+    from vllm_laguna.configs import ConfigError
+
+    read: set[str] = set()
+
+    class Recording(SimpleNamespace):
+        def __getattribute__(self, name):
+            read.add(name)
+            return super().__getattribute__(name)
+
+    for raw in configs:
+        parse(Recording(**raw))
+    paths = {(key,) for key in read if not key.startswith("_")}
+    paths |= {path for raw in configs for key in raw if key in read for path in _leaf_paths(raw[key], (key,))}
+
+    def matters(raw: dict, path: tuple) -> bool:
+        reduced = copy.deepcopy(raw)
+        parent = reduced
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or path[-1] not in parent:
+            return False
+        del parent[path[-1]]
+        try:
+            return parse(SimpleNamespace(**reduced)) != parse(SimpleNamespace(**raw))
+        except ConfigError:
+            return True
+
+    return sorted(".".join(path) for path in paths if not any(matters(raw, path) for raw in configs))
+
+
+def _leaf_paths(value, prefix: tuple):
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _leaf_paths(inner, (*prefix, key))
+    else:
+        yield prefix

@@ -13,7 +13,9 @@ The call's string value holds a newline, markup, ``<`` and non-ASCII text, strea
 several tokens; ``<arg_key>``/``<arg_value>`` are split across tokens; ``days`` is an integer
 and ``options`` a Python-literal object. The tokenizer marks ``<think>``/``<tool_call>``
 special, so the parsers must keep them in the text themselves (``adjust_request``).
-One server serves every check of this module, the 32-stream load test included.
+One server serves every check of this module, the 32-stream load test included. It listens
+on a Unix socket of its own (``vllm serve --uds``), so no TCP port can be taken between
+choosing it and binding it.
 """
 
 from __future__ import annotations
@@ -21,11 +23,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -66,24 +66,27 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 MODEL = "laguna-scripted"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def http_over(socket_path: Path, timeout: float):
+    """An HTTP client whose every request goes to the server's Unix socket."""
+    import httpx
+
+    return httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), timeout=timeout)
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+def wait_healthy(socket_path: Path, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    import httpx
+
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as response:
-                if response.status == 200:
+    with http_over(socket_path, timeout=5) as http:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if http.get("http://localhost/health").status_code == 200:
                     return
-        except OSError:
-            pass
-        time.sleep(2)
+            except httpx.TransportError:  # not listening yet
+                pass
+            time.sleep(2)
     raise TimeoutError(f"vllm serve not healthy after {timeout} s:\n{log.read_text()[-4000:]}")
 
 
@@ -91,20 +94,20 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) ->
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("laguna-server")
     checkpoint = build_scripted(root / "ckpt", [REASONING, CONTENT, CALL], special_markers=True)
-    port, log = free_port(), root / "server.log"
+    socket_path, log = root / "vllm.sock", root / "server.log"
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # the user's default
     env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="INFO")
     command = [
         str(Path(sys.executable).with_name("vllm")), "serve", str(checkpoint),
-        "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
+        "--served-model-name", MODEL, "--uds", str(socket_path),
         "--reasoning-parser", "laguna", "--tool-call-parser", "laguna", "--enable-auto-tool-choice",
         "--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", "32", "--enforce-eager",
     ]  # fmt: skip
     with log.open("w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc, log, timeout=900)
-        yield f"http://127.0.0.1:{port}/v1"
+        wait_healthy(socket_path, proc, log, timeout=900)
+        yield socket_path
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the API server and its engine-core child
         try:
@@ -116,9 +119,11 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
+    """The official client, talking to the server's socket (the host in the URL is unused)."""
     from openai import OpenAI
 
-    return OpenAI(base_url=server, api_key="unused", timeout=600, max_retries=0)
+    with http_over(server, timeout=600) as http:
+        yield OpenAI(base_url="http://localhost/v1", api_key="unused", max_retries=0, http_client=http)
 
 
 def create(client, thinking: bool, **extra):

@@ -68,10 +68,11 @@ class LagunaTiny:
     router_softcap: float = 0.0
     #: std of the e_score_correction_bias; large enough to change which experts win
     bias_std: float = 0.1
-    #: what config.json says: "per-head", "per-element", True or False
+    #: what config.json says: "per-head", "per-element", True (per-head weights, as
+    #: transformers reads it) or False (no g_proj)
     gating: Any = "per-head"
-    #: the gate the weights have when gating is True: "per-head" or "per-element"
-    gate_weights: str = "per-head"
+    #: not the config parsers' default (1e-6): a model ignoring it fails the parity tests
+    rms_norm_eps: float = 1e-4
     vocab_size: int = 512
     weight_std: float = 0.08
     dtype: str = "float32"
@@ -140,7 +141,7 @@ class LagunaTiny:
             "moe_router_logit_softcapping": self.router_softcap,
             "moe_apply_router_weight_on_input": False,
             "gating": self.gating,
-            "rms_norm_eps": 1e-6,
+            "rms_norm_eps": self.rms_norm_eps,
             "attention_bias": self.attention_bias,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": 2,
@@ -155,7 +156,7 @@ class LagunaTiny:
         """Random weights named as in poolside's Hub checkpoints."""
         w = RandomWeights(self.seed, self.weight_std)
         H, D = self.hidden_size, self.head_dim
-        per_element = self.gating == "per-element" or (self.gating is True and self.gate_weights == "per-element")
+        per_element = self.gating == "per-element"
         sd = {"model.embed_tokens.weight": w.normal(self.vocab_size, H), "model.norm.weight": w.norm(H)}
         if not self.tie_word_embeddings:
             sd["lm_head.weight"] = w.normal(self.vocab_size, H)
