@@ -88,7 +88,10 @@ def pytest_terminal_summary(terminalreporter):
     how far turning each covered feature off moves transformers' own output."""
     sections = [
         (harness.PARITY_GAPS, f"parity: worst top-5 logprob gap per test (bound {harness.LOGPROB_ATOL:g})"),
-        (harness.FEATURE_EFFECTS, f"features: change of transformers' top-5 logprobs when off (at least {harness.FEATURE_EFFECT:g})"),
+        (
+            harness.FEATURE_EFFECTS,
+            f"features: change of transformers' top-5 logprobs when off (at least {harness.FEATURE_EFFECT:g})",
+        ),
     ]
     for values, title in sections:
         if values:
