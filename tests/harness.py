@@ -195,13 +195,20 @@ def _record_gap(gap: float, record: dict[str, float] = PARITY_GAPS) -> None:
     record[test] = max(gap, record.get(test, 0.0))
 
 
+@dataclass(frozen=True)
+class FeatureOff:
+    """How to turn one feature off in transformers: config changes and/or parameters to zero."""
+
+    config: dict = field(default_factory=dict)
+    zero: tuple[str, ...] = ()
+
+
 @torch.no_grad()
 def reference_logprobs(
     model_dir: str | Path,
     prompts: Sequence[Sequence[int]],
     config_changes: dict | None = None,
     zero: Sequence[str] = (),
-    model_cls=None,
 ) -> list[torch.Tensor]:
     """transformers' logprobs ``[len(prompt), vocab]`` at every position of each prompt (fp32),
     with ``config_changes`` applied to the checkpoint's config and the parameters whose names
@@ -212,7 +219,7 @@ def reference_logprobs(
     target = getattr(config, "text_config", None) or config
     for key, value in (config_changes or {}).items():
         setattr(target, key, value)
-    model = (model_cls or AutoModelForCausalLM).from_pretrained(str(model_dir), config=config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, dtype=torch.float32)
     model.eval()
     zeroed = [p for name, p in model.named_parameters() if any(z in name for z in zero)]
     assert len(zeroed) > 0 or not zero, f"no parameter named like {list(zero)}"
@@ -234,24 +241,15 @@ def feature_effect(baseline: Sequence[torch.Tensor], changed: Sequence[torch.Ten
 
 
 def assert_feature_changes_reference(
-    model_dir: str | Path, prompts: Sequence[Sequence[int]], baseline: Sequence[torch.Tensor], off: "FeatureOff"
+    model_dir: str | Path, prompts: Sequence[Sequence[int]], baseline: Sequence[torch.Tensor], off: FeatureOff
 ) -> float:
     """transformers' output with the feature turned off differs from ``baseline`` by more
     than :data:`FEATURE_EFFECT`: a model ignoring the feature fails the parity test."""
-    changed = reference_logprobs(model_dir, prompts, off.config, off.zero, off.model_cls)
+    changed = reference_logprobs(model_dir, prompts, off.config, off.zero)
     effect = feature_effect(baseline, changed)
     _record_gap(effect, FEATURE_EFFECTS)
     assert effect > FEATURE_EFFECT, f"turning {off} off changes transformers' top-5 logprobs by only {effect:.2g}"
     return effect
-
-
-@dataclass(frozen=True)
-class FeatureOff:
-    """How to turn one feature off in transformers: config changes and/or parameters to zero."""
-
-    config: dict = field(default_factory=dict)
-    zero: tuple[str, ...] = ()
-    model_cls: Callable | None = None
 
 
 def assert_close_greedy_bf16(expected: Sequence[Greedy], actual: Sequence[Greedy]) -> int:
