@@ -140,6 +140,8 @@ FEATURES = {
 
 #: config keys every configuration leaves at the parser's default, and why that is safe
 DEFAULT_EVERYWHERE = {
+    "gating_types": "transformers has no per-layer gates: test_laguna_config_keys (its own reference)",
+    "swa_attention_sink_enabled": "transformers has no sinks: test_laguna_config_keys (its own reference)",
     "hidden_act": "only silu is accepted",
     "moe_apply_router_weight_on_input": "only false is accepted",
     "partial_rotary_factor": "top-level fallback of the rope dicts (test_laguna_config)",

@@ -1,7 +1,7 @@
 """End to end: ``vllm serve --reasoning-parser laguna --tool-call-parser laguna
---enable-auto-tool-choice`` as a real process on loopback, driven by the official ``openai``
-client, on a scripted tiny checkpoint (greedy decoding recites a fixed script, see
-``vllm_laguna.tiny.scripted``); and offline ``LLM.chat()`` with tools.
+--enable-auto-tool-choice`` as a real process (on a Unix socket, see ``serving``), driven by
+the official ``openai`` client, on a scripted tiny checkpoint (greedy decoding recites a fixed
+script, see ``vllm_laguna.tiny.scripted``); and offline ``LLM.chat()`` with tools.
 
 The server's script, after the chat template's last token:
 
@@ -13,24 +13,18 @@ The call's string value holds a newline, markup, ``<`` and non-ASCII text, strea
 several tokens; ``<arg_key>``/``<arg_value>`` are split across tokens; ``days`` is an integer
 and ``options`` a Python-literal object. The tokenizer marks ``<think>``/``<tool_call>``
 special, so the parsers must keep them in the text themselves (``adjust_request``).
-One server serves every check of this module, the 32-stream load test included. It listens
-on a Unix socket of its own (``vllm serve --uds``), so no TCP port can be taken between
-choosing it and binding it.
+One server serves every check of this module, the 32-stream load test included.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from laguna_parsing import TOOLS, composed_parser_cls, parse_complete
+from serving import vllm_serve
 
 from vllm_laguna.tiny.scripted import build_scripted
 
@@ -66,64 +60,17 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 MODEL = "laguna-scripted"
 
 
-def http_over(socket_path: Path, timeout: float):
-    """An HTTP client whose every request goes to the server's Unix socket."""
-    import httpx
-
-    return httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), timeout=timeout)
-
-
-def wait_healthy(socket_path: Path, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    with http_over(socket_path, timeout=5) as http:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if http.get("http://localhost/health").status_code == 200:
-                    return
-            except httpx.TransportError:  # not listening yet
-                pass
-            time.sleep(2)
-    raise TimeoutError(f"vllm serve not healthy after {timeout} s:\n{log.read_text()[-4000:]}")
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def client(tmp_path_factory):
     root = tmp_path_factory.mktemp("laguna-server")
     checkpoint = build_scripted(root / "ckpt", [REASONING, CONTENT, CALL], special_markers=True)
-    socket_path, log = root / "vllm.sock", root / "server.log"
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # the user's default
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="INFO")
-    command = [
-        str(Path(sys.executable).with_name("vllm")), "serve", str(checkpoint),
-        "--served-model-name", MODEL, "--uds", str(socket_path),
+    flags = [
+        "--served-model-name", MODEL,
         "--reasoning-parser", "laguna", "--tool-call-parser", "laguna", "--enable-auto-tool-choice",
         "--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", "32", "--enforce-eager",
     ]  # fmt: skip
-    with log.open("w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_healthy(socket_path, proc, log, timeout=900)
-        yield socket_path
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the API server and its engine-core child
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    """The official client, talking to the server's socket (the host in the URL is unused)."""
-    from openai import OpenAI
-
-    with http_over(server, timeout=600) as http:
-        yield OpenAI(base_url="http://localhost/v1", api_key="unused", max_retries=0, http_client=http)
+    with vllm_serve(checkpoint, root / "server.log", *flags) as client:
+        yield client
 
 
 def create(client, thinking: bool, **extra):

@@ -21,6 +21,8 @@ from vllm.model_executor.models.interfaces import SupportsQuant
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
+from vllm_laguna.model_executor.layers.cpu_gemm import use_fp32_onednn_for_bf16
+
 
 #: checkpoint q/k/v projections -> shards of vLLM's fused ``qkv_proj`` (a ``WeightsMapper``'s
 #: ``orig_to_new_stacked`` entries)
@@ -136,3 +138,7 @@ class CausalLM(nn.Module, SupportsQuant):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)
+
+    def process_weights_after_loading(self) -> None:
+        """vLLM's model-level hook, after every layer's own weight processing."""
+        use_fp32_onednn_for_bf16(self)
