@@ -123,7 +123,6 @@ FEATURES = {
         ),
         "yarn-beta-fast": FeatureOff(dict(rope_parameters=_full_rope("yarn-mscale-all-sparse", beta_fast=32.0))),
         "yarn-beta-slow": FeatureOff(dict(rope_parameters=_full_rope("yarn-mscale-all-sparse", beta_slow=1.0))),
-
         "sliding-partial-rotary": FeatureOff(
             dict(rope_parameters=_sliding_rope("yarn-mscale-all-sparse", partial_rotary_factor=1.0))
         ),

@@ -95,11 +95,15 @@ class LagunaReasoningParser(ReasoningParser):
 
     def is_reasoning_end_streaming(self, input_ids: Sequence[int], delta_ids: Iterable[int]) -> bool:
         # The serving layer asks right after extract_reasoning_streaming: the text decides
-        # (a block re-opened later in the same delta keeps the reasoning going). The engine
-        # core's instance sees no text: the delta's ids decide; it stops asking once True.
+        # (a parser that failed has passed the rest on as content). The engine core's
+        # instance sees no text: the delta's ids decide; it stops asking once True.
         if self._stream_started:
-            return self._fail_safe.failed or self._stream.ended
+            return self._stream_over
         return any(token_id in self._end_ids for token_id in delta_ids)
+
+    @property
+    def _stream_over(self) -> bool:
+        return self._fail_safe.failed or self._stream.ended
 
     def extract_content_ids(self, input_ids: list[int]) -> list[int]:
         for i, token_id in enumerate(input_ids):
@@ -107,7 +111,7 @@ class LagunaReasoningParser(ReasoningParser):
                 return list(input_ids[i:])
             if token_id == self._end_think_id:
                 return list(input_ids[i + 1 :])
-        return list(input_ids) if self._stream.ended else []
+        return list(input_ids) if self._stream_over else []
 
     def count_reasoning_tokens(self, token_ids: Sequence[int]) -> int:
         try:
