@@ -8,16 +8,30 @@ without paying three interpreter start-ups per checkpoint. Runs that need severa
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-#: the bar of the issues: identical greedy tokens and top-5 logprobs within this
-LOGPROB_ATOL = 1e-3
+#: The fp32 parity bound: identical greedy tokens and top-5 logprobs within this. The models
+#: measure 1e-6 to 1e-5 against transformers (see the "parity" section every pytest run
+#: prints); the bound leaves room for other CPUs' summation orders (AVX-512/AMX, TP) and
+#: still catches an fp32 model rounding one op to bf16 (an error of ~1e-3).
+LOGPROB_ATOL = 1e-4
+#: What a feature a parity configuration covers must change in transformers' own output
+#: (top-5 logprobs) for that parity test to be able to fail without it.
+FEATURE_EFFECT = 10 * LOGPROB_ATOL
+
+#: worst gap of every assert_parity call of this session, by test (conftest prints them)
+PARITY_GAPS: dict[str, float] = {}
+#: what turning a feature off did to transformers' output, by test (conftest prints them)
+FEATURE_EFFECTS: dict[str, float] = {}
 
 
 @dataclass
@@ -172,7 +186,70 @@ def assert_parity(
         assert gap <= atol, f"prompt {i}: top-5 logprob gap {gap:.3g} > {atol}"
         worst = max(worst, gap)
     assert not math.isnan(worst)
+    _record_gap(worst)
     return worst
+
+
+def _record_gap(gap: float, record: dict[str, float] = PARITY_GAPS) -> None:
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
+    record[test] = max(gap, record.get(test, 0.0))
+
+
+@dataclass(frozen=True)
+class FeatureOff:
+    """How to turn one feature off in transformers: config changes and/or parameters to zero."""
+
+    config: dict = field(default_factory=dict)
+    zero: tuple[str, ...] = ()
+
+
+@torch.no_grad()
+def reference_logprobs(
+    model_dir: str | Path,
+    prompts: Sequence[Sequence[int]],
+    config_changes: dict | None = None,
+    zero: Sequence[str] = (),
+) -> list[torch.Tensor]:
+    """transformers' logprobs ``[len(prompt), vocab]`` at every position of each prompt (fp32),
+    with ``config_changes`` applied to the checkpoint's config and the parameters whose names
+    contain any of ``zero`` zeroed: the reference with one feature turned off."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    target = getattr(config, "text_config", None) or config
+    for key, value in (config_changes or {}).items():
+        setattr(target, key, value)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, dtype=torch.float32)
+    model.eval()
+    zeroed = [p for name, p in model.named_parameters() if any(z in name for z in zero)]
+    assert len(zeroed) > 0 or not zero, f"no parameter named like {list(zero)}"
+    for param in zeroed:
+        param.zero_()
+    out = [torch.log_softmax(model(input_ids=torch.tensor([list(p)])).logits[0].float(), -1) for p in prompts]
+    del model
+    gc.collect()
+    return out
+
+
+def feature_effect(baseline: Sequence[torch.Tensor], changed: Sequence[torch.Tensor]) -> float:
+    """Largest change of a top-5 logprob (the baseline's top-5 at each position)."""
+    effect = 0.0
+    for want, got in zip(baseline, changed, strict=True):
+        top = want.topk(5, dim=-1).indices
+        effect = max(effect, (want.gather(-1, top) - got.gather(-1, top)).abs().max().item())
+    return effect
+
+
+def assert_feature_changes_reference(
+    model_dir: str | Path, prompts: Sequence[Sequence[int]], baseline: Sequence[torch.Tensor], off: FeatureOff
+) -> float:
+    """transformers' output with the feature turned off differs from ``baseline`` by more
+    than :data:`FEATURE_EFFECT`: a model ignoring the feature fails the parity test."""
+    changed = reference_logprobs(model_dir, prompts, off.config, off.zero)
+    effect = feature_effect(baseline, changed)
+    _record_gap(effect, FEATURE_EFFECTS)
+    assert effect > FEATURE_EFFECT, f"turning {off} off changes transformers' top-5 logprobs by only {effect:.2g}"
+    return effect
 
 
 def assert_close_greedy_bf16(expected: Sequence[Greedy], actual: Sequence[Greedy]) -> int:
@@ -191,3 +268,51 @@ def assert_close_greedy_bf16(expected: Sequence[Greedy], actual: Sequence[Greedy
         else:
             identical += 1
     return identical
+
+
+def keys_left_at_default(parse: Callable, configs: Sequence[dict]) -> list[str]:
+    """The config keys ``parse`` reads that hold its default value in every one of ``configs``.
+
+    ``configs`` are raw ``config.json`` dicts. A key counts as set when removing it from
+    some config changes what ``parse`` returns (or makes it raise): that config holds a value
+    other than the parser's default. Keys inside dict values (a rope dict, rope dicts per
+    layer type) count one by one, as ``rope_parameters.full_attention.factor``. A key read
+    but absent from every config is left at its default too. A parity test on configs that
+    leave a key at its default cannot tell a model that ignores the key.
+    """
+    from vllm_laguna.configs import ConfigError
+
+    read: set[str] = set()
+
+    class Recording(SimpleNamespace):
+        def __getattribute__(self, name):
+            read.add(name)
+            return super().__getattribute__(name)
+
+    for raw in configs:
+        parse(Recording(**raw))
+    paths = {(key,) for key in read if not key.startswith("_")}
+    paths |= {path for raw in configs for key in raw if key in read for path in _leaf_paths(raw[key], (key,))}
+
+    def matters(raw: dict, path: tuple) -> bool:
+        reduced = copy.deepcopy(raw)
+        parent = reduced
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or path[-1] not in parent:
+            return False
+        del parent[path[-1]]
+        try:
+            return parse(SimpleNamespace(**reduced)) != parse(SimpleNamespace(**raw))
+        except ConfigError:
+            return True
+
+    return sorted(".".join(path) for path in paths if not any(matters(raw, path) for raw in configs))
+
+
+def _leaf_paths(value, prefix: tuple):
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _leaf_paths(inner, (*prefix, key))
+    else:
+        yield prefix

@@ -178,3 +178,16 @@ def parse_streamed(
         parsed.calls.append((entry["name"], entry["arguments"]))
         parsed.ids.append(entry["id"])
     return parsed
+
+
+@functools.lru_cache(maxsize=1)
+def marker_free_tokenizer():
+    """A tokenizer without any of Laguna's marker tokens (a model the parsers do not fit)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from vllm.tokenizers.hf import get_cached_tokenizer
+
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz <>/_")}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return get_cached_tokenizer(PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>"))

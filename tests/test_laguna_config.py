@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -66,6 +67,18 @@ ROPE_CASES = {
         "full_attention": {**_without(XS2_FULL, "attention_factor"), "factor": 64.0},
         "sliding_attention": {**SLIDING, "partial_rotary_factor": 0.25},
     },
+    # no attention_factor but mscale and mscale_all_dim: their ratio of YaRN's mscales
+    "mscale-ratio": {
+        "full_attention": {**_without(XS2_FULL, "attention_factor"), "mscale": 1.0, "mscale_all_dim": 0.5},
+        "sliding_attention": SLIDING,
+    },
+    # a null factor is derived: max_position_embeddings / original_max_position_embeddings
+    "factor-derived": {"full_attention": {**XS2_FULL, "factor": None}, "sliding_attention": SLIDING},
+    # entries without theta or partial rotary take the config's top-level values
+    "top-level-theta-and-partial": (
+        {"full_attention": XS2_FULL, "sliding_attention": {"rope_type": "default"}},
+        dict(rope_theta=20000.0, partial_rotary_factor=0.25),
+    ),
 }
 
 
@@ -75,7 +88,8 @@ def test_rope_matches_transformers(case, default_vllm_config):
     YaRN's attention_factor (given or derived) included. Pins vLLM 0.32's behaviour."""
     from vllm.model_executor.layers.rotary_embedding import get_rope
 
-    config = laguna_config(rope_parameters=copy.deepcopy(ROPE_CASES[case]))
+    rope, top_level = ROPE_CASES[case] if isinstance(ROPE_CASES[case], tuple) else (ROPE_CASES[case], {})
+    config = laguna_config(rope_parameters=copy.deepcopy(rope), **top_level)
     arch = parse_laguna_config(config)
     hf_rope = modeling_laguna.LagunaRotaryEmbedding(config)
     positions = torch.tensor([0, 1, 7, 100, 4095, 4096, 20000, 131071])
@@ -118,6 +132,19 @@ def test_nested_rope_tolerates_stray_flat_keys_and_fills_defaults():
     assert full["original_max_position_embeddings"] == 8192  # transformers: max_position_embeddings
     assert (full["beta_fast"], full["beta_slow"]) == (32, 1)
     assert sliding == {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.0}
+
+
+def test_rope_scaling_is_read_when_rope_parameters_is_absent():
+    """Older configs name the dict ``rope_scaling``; transformers moves it to
+    ``rope_parameters``, and a raw config reads the same either way."""
+    from vllm_laguna.tiny.laguna import LagunaTiny
+
+    raw = LagunaTiny().config()
+    legacy = {k: v for k, v in raw.items() if k != "rope_parameters"} | {"rope_scaling": raw["rope_parameters"]}
+    want = parse_laguna_config(SimpleNamespace(**raw)).rope_by_layer_type
+    assert parse_laguna_config(SimpleNamespace(**legacy)).rope_by_layer_type == want
+    assert parse_laguna_config(LagunaConfig.from_dict(copy.deepcopy(legacy))).rope_by_layer_type == want
+    assert want["full_attention"]["rope_type"] == "yarn"
 
 
 def test_flat_rope_applies_to_every_layer_type():

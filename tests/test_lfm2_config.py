@@ -106,3 +106,17 @@ def test_malformed_config_names_the_field(case):
     raw = {**Lfm2Tiny().config(), **changes}
     with pytest.raises(ConfigError, match=message):
         parse_lfm2_config(_raw(raw))
+
+
+def test_rope_forms_read_as_transformers_reads_them():
+    """``rope_parameters`` (v5), ``rope_theta`` (Hub form) and the older name
+    ``rope_scaling`` give the theta transformers uses; absent all, its default 1e6."""
+    v5 = Lfm2Tiny().config()
+    legacy = {k: v for k, v in v5.items() if k != "rope_parameters"} | {"rope_scaling": v5["rope_parameters"]}
+    hub = Lfm2Tiny(config_form="hub").config()
+    bare = {k: v for k, v in hub.items() if k != "rope_theta"}
+    for raw in (v5, legacy, hub, bare):
+        want = _transformers(raw).rope_parameters["rope_theta"]
+        assert parse_lfm2_config(_raw(raw)).rope == parse_lfm2_config(_transformers(raw)).rope
+        assert parse_lfm2_config(_raw(raw)).rope == {"rope_type": "default", "rope_theta": want}
+    assert parse_lfm2_config(_raw(bare)).rope["rope_theta"] == 1e6 != Lfm2Tiny().rope_theta

@@ -63,7 +63,7 @@ def test_rope_from_hub_and_transformers_forms_agree():
     from_hub = parse_llama4_config(SimpleNamespace(**raw)).rope
     from_hf = parse_llama4_config(Llama4TextConfig(**raw)).rope  # rope_parameters (v5)
     assert from_hub == from_hf
-    assert from_hub["rope_type"] == "llama3" and from_hub["rope_theta"] == 500000.0
+    assert from_hub["rope_type"] == "llama3" and from_hub["rope_theta"] == raw["rope_theta"] == 1e6
     assert from_hub["low_freq_factor"] == 1.0 and from_hub["original_max_position_embeddings"] == 256
 
 

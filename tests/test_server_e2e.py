@@ -1,7 +1,7 @@
 """End to end: ``vllm serve --reasoning-parser laguna --tool-call-parser laguna
---enable-auto-tool-choice`` as a real process on loopback, driven by the official ``openai``
-client, on a scripted tiny checkpoint (greedy decoding recites a fixed script, see
-``vllm_laguna.tiny.scripted``); and offline ``LLM.chat()`` with tools.
+--enable-auto-tool-choice`` as a real process (on a Unix socket, see ``serving``), driven by
+the official ``openai`` client, on a scripted tiny checkpoint (greedy decoding recites a fixed
+script, see ``vllm_laguna.tiny.scripted``); and offline ``LLM.chat()`` with tools.
 
 The server's script, after the chat template's last token:
 
@@ -61,7 +61,7 @@ MODEL = "laguna-scripted"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def client(tmp_path_factory):
     root = tmp_path_factory.mktemp("laguna-server")
     checkpoint = build_scripted(root / "ckpt", [REASONING, CONTENT, CALL], special_markers=True)
     flags = [
@@ -69,15 +69,8 @@ def server(tmp_path_factory):
         "--reasoning-parser", "laguna", "--tool-call-parser", "laguna", "--enable-auto-tool-choice",
         "--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", "32", "--enforce-eager",
     ]  # fmt: skip
-    with vllm_serve(checkpoint, root / "server.log", *flags) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server, api_key="unused", timeout=600, max_retries=0)
+    with vllm_serve(checkpoint, root / "server.log", *flags) as client:
+        yield client
 
 
 def create(client, thinking: bool, **extra):

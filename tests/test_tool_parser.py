@@ -14,6 +14,7 @@ from laguna_parsing import (
     chat_request,
     composed_parser_cls,
     group,
+    marker_free_tokenizer,
     parse_complete,
     parse_streamed,
     prompt_ids,
@@ -21,8 +22,9 @@ from laguna_parsing import (
     token_deltas,
 )
 
-from vllm_laguna.laguna_format import END_THINK, END_TOOL_CALL, THINK, TOOL_CALL
+from vllm_laguna.laguna_format import END_ASSISTANT, END_THINK, END_TOOL_CALL, THINK, TOOL_CALL
 from vllm_laguna.tool_parsers.arg_types import ArgumentSchemas, typed_value
+from vllm_laguna.tool_parsers.call_scanner import _MAX_NAME
 
 
 def call(name: str, *args: tuple[str, str], sep: str = "\n") -> str:
@@ -243,31 +245,93 @@ def test_adjust_request_keeps_tool_call_tokens(special, tools, tool_choice, keep
     assert request.structured_outputs is None  # no JSON grammar forced on an XML model
 
 
-def test_model_opened_think_with_thinking_off_streams_as_reasoning(tok):
-    """The prompt closed the reasoning, so vLLM sends everything to the tool parser."""
+@pytest.mark.parametrize("reasoning_parser", [True, False])
+def test_model_opened_think_with_thinking_off_is_content(tok, reasoning_parser):
+    """The prompt closed the reasoning: vLLM streams everything to the tool parser, and the
+    complete response agrees: the model's own ``<think>`` block is content, as written."""
     output = "\n<think>\nhmm\n</think>\n" + WEATHER
-    parser_cls = composed_parser_cls(tok)
+    parser_cls = composed_parser_cls(tok, reasoning=reasoning_parser)
     request = chat_request(thinking=False)
-    streamed = parse_streamed(parser_cls, tok, request, token_deltas(tok, output), prompt_ids(tok, request))
-    assert (streamed.reasoning, streamed.content, streamed.calls) == ("\nhmm\n", "", as_expected(CASES["single"][2]))
-    complete = parse_complete(parser_cls, tok, request, output)
-    assert (complete.reasoning, complete.content, complete.calls) == (
-        streamed.reasoning,
-        streamed.content,
-        streamed.calls,
-    )
-
-
-def test_without_reasoning_parser_a_think_block_is_content(tok):
-    """vLLM tells the tool parser when no reasoning parser is configured."""
-    output = "<think>hmm</think>\n" + WEATHER
-    parser_cls = composed_parser_cls(tok, reasoning=False)
-    request = chat_request(thinking=False)
+    expected = ("", "\n<think>\nhmm\n</think>\n", as_expected(CASES["single"][2]))
     streamed = parse_streamed(parser_cls, tok, request, token_deltas(tok, output), prompt_ids(tok, request))
     complete = parse_complete(parser_cls, tok, request, output)
-    expected = ("", "<think>hmm</think>\n", as_expected(CASES["single"][2]))
     assert (streamed.reasoning, streamed.content, streamed.calls) == expected
     assert (complete.reasoning, complete.content, complete.calls) == expected
+
+
+def test_long_names_and_keys_up_to_the_limit(tok):
+    """Names and keys wait for their end up to ``_MAX_NAME`` characters; a longer name makes
+    the block content, a longer key makes that argument content; streamed as complete."""
+    name, key = "n" * _MAX_NAME, "k" * _MAX_NAME
+    long_ok = call(name + "  ", ("  " + key + " ", "1"), ("a_rather_long_argument_name", "x"))  # blanks stripped
+    too_long_name = call(name + "n", ("q", "1"))
+    too_long_key = call("lookup", (key + "k", "1"), ("q", "2"))
+    parser_cls = composed_parser_cls(tok)
+    request = chat_request(thinking=False)
+    cases = {
+        long_ok: ("", [(name, json.dumps({key: 1, "a_rather_long_argument_name": "x"}))]),
+        too_long_name: (too_long_name, []),
+        too_long_key: (f"<arg_key>{key}k</arg_key>\n<arg_value>1</arg_value>\n", [("lookup", '{"q": 2}')]),
+    }
+    for output, (content, calls) in cases.items():
+        complete = parse_complete(parser_cls, tok, request, output)
+        assert (complete.content, complete.calls) == (content, calls)
+        streamed = parse_streamed(parser_cls, tok, request, token_deltas(tok, output), prompt_ids(tok, request))
+        assert (streamed.content, streamed.calls) == (content, calls)
+
+
+def test_responses_api_tools_type_the_arguments(tok):
+    """The Responses API's function tools are flat (no ``function`` level); their schemas
+    type the arguments as chat-completion tools do."""
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+    tools = [{"type": "function", **TOOLS[0]["function"]}]
+    request = ResponsesRequest(model="laguna", input="Weather in Paris?", tools=tools)
+    output = call("get_weather", ("city", "3"), ("days", "3"))
+    info = tool_parser(tok, tools=None).extract_tool_calls(output, request)
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in info.tool_calls] == [
+        ("get_weather", {"city": "3", "days": 3})
+    ]
+    untyped = tool_parser(tok, tools=None).extract_tool_calls(output, chat_request(tools=None))
+    assert json.loads(untyped.tool_calls[0].function.arguments) == {"city": 3, "days": 3}
+
+
+def test_tokenizer_without_the_markers_is_refused_at_start():
+    from vllm.parser import ParserManager
+
+    import vllm_laguna
+
+    vllm_laguna.register()
+    plain = marker_free_tokenizer()
+    with pytest.raises(ValueError, match=r"single tokens for \['<tool_call>', '</tool_call>'\]"):
+        tool_parser(plain)
+    with pytest.raises(TypeError, match=r"--tool-call-parser laguna cannot be used with the tokenizer.*<tool_call>"):
+        ParserManager.get_parser(tool_parser_name="laguna", enable_auto_tools=True, tokenizer=plain)
+
+
+def test_internal_error_is_logged_once_and_the_text_comes_back_as_content(tok, monkeypatch, parser_errors):
+    """A bug in the scanner must not cost the response: complete, the output is content;
+    streaming, the failing delta and every later one pass through as content. Each parser
+    instance logs the error once, with its traceback (outside this test: a failure)."""
+    from vllm_laguna.tool_parsers import call_scanner
+
+    def broken(self, text, *, hold_partial=True):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(call_scanner.ToolCallScanner, "feed", broken)
+    request = chat_request()
+    with parser_errors.expect() as records:
+        info = tool_parser(tok).extract_tool_calls(WEATHER, request)
+        assert (info.tools_called, info.content) == (False, WEATHER)
+        parser, content = tool_parser(tok), ""
+        for text, ids in token_deltas(tok, "Sure. " + WEATHER):
+            delta = parser.extract_tool_calls_streaming("", "", text, [], [], ids, request)
+            assert delta is None or not delta.tool_calls
+            content += delta.content if delta is not None else ""
+        assert content == "Sure. " + WEATHER
+    assert len(records) == 2  # one per parser instance, not one per delta
+    assert all(r.exc_info and isinstance(r.exc_info[1], RuntimeError) for r in records)
+    assert "extract_tool_calls_streaming" in records[1].getMessage()
 
 
 @pytest.mark.parametrize(
@@ -328,15 +392,17 @@ _SOUP = st.text(alphabet=list("ab \n<>/é東🙂{}\"'"), max_size=10)
 _VALUE = st.one_of(
     _SOUP, st.sampled_from(["3", " 7 ", "[1, 2]", '{"a": 1}', "True", "NaN", "null", "{'x': (1, 2)}", ""])
 )
+#: names and keys around the scanner's length limit, longer than any other generated text
+_LONG = st.sampled_from([13, 40, _MAX_NAME, _MAX_NAME + 1, 300]).map(lambda n: "x" * n)
 _ARG = st.builds(
     lambda k, v, sep: f"<arg_key>{k}</arg_key>{sep}<arg_value>{v}</arg_value>{sep}",
-    st.sampled_from(["city", "days", "content", "options", "q", "when"]),
+    st.one_of(st.sampled_from(["city", "days", "content", "options", "q", "when"]), _LONG),
     _VALUE,
     st.sampled_from(["\n", "", " "]),
 )
 _CALL = st.builds(
     lambda name, sep, args, junk: f"<tool_call>{name}{sep}{junk}{''.join(args)}</tool_call>",
-    st.sampled_from(["get_weather", "write_file", "lookup", "get weather", ""]),
+    st.one_of(st.sampled_from(["get_weather", "write_file", "lookup", "get weather", ""]), _LONG),
     st.sampled_from(["\n", "", " \n"]),
     st.lists(_ARG, max_size=3),
     st.sampled_from(["", "", "oops ", "<arg_key>k</arg_key>\n"]),
@@ -344,7 +410,7 @@ _CALL = st.builds(
 _OUTPUT = st.lists(st.one_of(_SOUP, _CALL, st.sampled_from(["\n", END_TOOL_CALL, f"{THINK}ab{END_THINK}"])), max_size=6)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     parts=_OUTPUT,
     reasoning=_SOUP,
@@ -392,21 +458,46 @@ _ANY = st.lists(
 ).map("".join)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=_ANY, thinking=st.booleans(), step=st.integers(1, 7), cuts=st.lists(st.integers(0, 60), max_size=6))
 def test_arbitrary_text_never_raises_nor_loses_text(tok, text, thinking, step, cuts):
+    """Any text, complete and streamed (through vLLM in token deltas, and as bare text in
+    arbitrary pieces): without a call the text comes back whole; streaming ends with the
+    complete response's calls, plus at most the one a cut-off output left open; a stream
+    without calls gives the complete reasoning and content. (A parser error would not
+    raise here: the fail-safe would log it, which fails the test.)"""
     parser_cls = composed_parser_cls(tok)
     request = chat_request(thinking=thinking)
     complete = parse_complete(parser_cls, tok, request, text)
-    parse_streamed(
-        parser_cls, tok, request, group(token_deltas(tok, text), cuts), prompt_ids(tok, request), end_of_turn=False
-    )
-    # bare text in arbitrary pieces, no token ids
-    parser = tool_parser(tok)
-    for i in range(0, len(text), step):
-        parser.extract_tool_calls_streaming("", "", text[i : i + step], [], [], [], request)
+    for name, arguments in complete.calls:
+        assert name in text and isinstance(json.loads(arguments), dict)
+    streamed = parse_streamed(parser_cls, tok, request, group(token_deltas(tok, text), cuts), prompt_ids(tok, request))
+    _assert_streamed_agrees(streamed, complete)
+
     info = tool_parser(tok).extract_tool_calls(text, request)
     if not info.tools_called:
         assert info.content == text  # no call: the text comes back whole
-    for name, arguments in complete.calls:
-        assert name in text and isinstance(json.loads(arguments), dict)
+    parser, bare = tool_parser(tok), []
+    pieces = [(text[i : i + step], []) for i in range(0, len(text), step)] + [("", [tok.get_vocab()[END_ASSISTANT]])]
+    for piece, ids in pieces:  # the last, empty piece ends the turn
+        bare.append(parser.extract_tool_calls_streaming("", "", piece, [], [], ids, request))
+    calls: dict[int, list[str]] = {}
+    for delta in filter(None, bare):
+        for tc in delta.tool_calls:
+            entry = calls.setdefault(tc.index, ["", ""])
+            entry[0] += tc.function.name or ""
+            entry[1] += tc.function.arguments or ""
+    content = "".join(d.content or "" for d in bare if d is not None)
+    from laguna_parsing import Parsed
+
+    complete_tools = Parsed(content=info.content or "", calls=[(c.function.name, c.function.arguments) for c in info.tool_calls])
+    if complete_tools.calls and not complete_tools.content.strip():
+        complete_tools.content = ""
+    _assert_streamed_agrees(Parsed(content=content, calls=[tuple(calls[i]) for i in sorted(calls)]), complete_tools)
+
+
+def _assert_streamed_agrees(streamed, complete) -> None:
+    done = len(complete.calls)
+    assert streamed.calls[:done] == complete.calls and len(streamed.calls) - done in (0, 1)
+    if not streamed.calls:
+        assert (streamed.reasoning, streamed.content) == (complete.reasoning, complete.content)

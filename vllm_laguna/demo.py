@@ -204,9 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         offline(model, logs / "offline.log", gpu_share)
 
         server.wait_healthy(timeout=600)
-        from openai import OpenAI
-
-        client = OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+        client = server.client()
         part(2, "vllm serve + openai client, a chat request with a tool: the laguna parsers end the reasoning "
              "where the tool call starts and type its arguments")  # fmt: skip
         complete(client)

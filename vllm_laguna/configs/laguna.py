@@ -92,10 +92,6 @@ class LagunaArch:
     def rope(self, layer: int) -> dict[str, Any]:
         return self.rope_by_layer_type[self.layer_types[layer]]
 
-    @property
-    def sparse_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, t in enumerate(self.mlp_layer_types) if t == "sparse")
-
 
 def parse_laguna_config(config: Any) -> LagunaArch:
     """Validate ``config`` (a transformers config object) and resolve it into a LagunaArch.

@@ -54,11 +54,6 @@ class Lfm2Arch:
     norm_eps: float
     tie_word_embeddings: bool
 
-    @property
-    def conv_state_len(self) -> int:
-        """Columns of ``B*x`` a request carries between steps: ``conv_L_cache - 1``."""
-        return self.conv_kernel - 1
-
     def is_conv(self, layer: int) -> bool:
         return self.layer_types[layer] == "conv"
 

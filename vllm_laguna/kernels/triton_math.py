@@ -21,6 +21,7 @@ import triton.language as tl
 from vllm_laguna.kernels.dispatch import TRITON_INTERPRET
 
 if TRITON_INTERPRET:
+    # Interpreter only (CPU tests): stand-ins for libdevice, never compiled for a GPU.
 
     @triton.jit
     def mul_rn(x, y):
@@ -49,6 +50,7 @@ if TRITON_INTERPRET:
         return tl.where(ax < 0.25, series, tl.where(x < 0.0, -large, large))
 
 else:
+    # GPU: libdevice, as torch's CUDA kernels.
     from triton.language.extra import libdevice
 
     @triton.jit

@@ -32,6 +32,7 @@ from vllm.entrypoints.generate.base.protocol import DeltaMessage
 from vllm.reasoning.abs_reasoning_parsers import ReasoningParser
 
 from vllm_laguna.laguna_format import ASSISTANT, END_THINK, THINK, TOOL_CALL
+from vllm_laguna.parser_errors import FailSafe
 from vllm_laguna.reasoning.splitter import ReasoningSplitter
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class LagunaReasoningParser(ReasoningParser):
         self._markers_special = any(is_special_token(tokenizer, m) for m in _TEXT_MARKERS)
         self._stream = ReasoningSplitter(self._thinking)
         self._stream_started = False
+        self._fail_safe = FailSafe(type(self).__name__)
 
     @property
     def reasoning_start_str(self) -> str:
@@ -93,41 +95,39 @@ class LagunaReasoningParser(ReasoningParser):
 
     def is_reasoning_end_streaming(self, input_ids: Sequence[int], delta_ids: Iterable[int]) -> bool:
         # The serving layer asks right after extract_reasoning_streaming: the text decides
-        # (a block re-opened later in the same delta keeps the reasoning going). The engine
-        # core's instance sees no text: the delta's ids decide; it stops asking once True.
+        # (a parser that failed has passed the rest on as content). The engine core's
+        # instance sees no text: the delta's ids decide; it stops asking once True.
         if self._stream_started:
-            return self._stream.ended
+            return self._stream_over
         return any(token_id in self._end_ids for token_id in delta_ids)
 
+    @property
+    def _stream_over(self) -> bool:
+        return self._fail_safe.failed or self._stream.ended
+
     def extract_content_ids(self, input_ids: list[int]) -> list[int]:
-        start = None
         for i, token_id in enumerate(input_ids):
-            if token_id == self._tool_call_id:
+            if token_id == self._tool_call_id:  # the call is content, for the tool parser
                 return list(input_ids[i:])
             if token_id == self._end_think_id:
-                start = i + 1
-        if start is not None:
-            return list(input_ids[start:])
-        return list(input_ids) if self._stream.ended else []
+                return list(input_ids[i + 1 :])
+        return list(input_ids) if self._stream_over else []
 
     def count_reasoning_tokens(self, token_ids: Sequence[int]) -> int:
-        # the splitter's rules, on token ids (the markers are single tokens)
-        count, reasoning, at_start = 0, self._thinking, self._thinking
-        for token_id in token_ids:
-            if not reasoning:  # blanks may precede a <think> that (re)opens the reasoning
-                if token_id == self._think_id:
-                    reasoning = True
-                elif self.model_tokenizer.decode([token_id]).strip():
-                    return count
-            elif at_start and token_id == self._think_id:
-                at_start = False
-            elif token_id == self._end_think_id:
-                reasoning = at_start = False
-            elif token_id == self._tool_call_id:
-                return count
-            else:
-                count, at_start = count + 1, False
-        return count
+        try:
+            return self._count_reasoning_tokens(token_ids)
+        except Exception:
+            self._fail_safe.record("count_reasoning_tokens")
+            return 0
+
+    def _count_reasoning_tokens(self, token_ids: Sequence[int]) -> int:
+        # the splitter's rule, on token ids (the markers are single tokens)
+        if not self._thinking:
+            return 0
+        for i, token_id in enumerate(token_ids):
+            if token_id in self._end_ids:
+                return i - int(token_ids[0] == self._think_id)
+        return len(token_ids) - int(bool(token_ids) and token_ids[0] == self._think_id)
 
     def adjust_initial_state_from_prompt(self, prompt_token_ids: Sequence[int]) -> None:
         """The prompt is the best witness of the thinking mode: a turn it leaves open with
@@ -152,9 +152,13 @@ class LagunaReasoningParser(ReasoningParser):
     def extract_reasoning(
         self, model_output: str, request: ChatCompletionRequest | ResponsesRequest
     ) -> tuple[str | None, str | None]:
-        splitter = ReasoningSplitter(self._thinking_for(request))
-        reasoning, content = splitter.feed(model_output)
-        tail_reasoning, tail_content = splitter.finish()
+        try:
+            splitter = ReasoningSplitter(self._thinking_for(request))
+            reasoning, content = splitter.feed(model_output)
+            tail_reasoning, tail_content = splitter.finish()
+        except Exception:
+            self._fail_safe.record("extract_reasoning")
+            return None, model_output or None
         return (reasoning + tail_reasoning) or None, (content + tail_content) or None
 
     def extract_reasoning_streaming(
@@ -167,8 +171,13 @@ class LagunaReasoningParser(ReasoningParser):
         delta_token_ids: Sequence[int],
     ) -> DeltaMessage | None:
         self._stream_started = True
-        # deltas of whole tokens never split a marker (each is one token); bare text may
-        reasoning, content = self._stream.feed(delta_text, hold_partial=not delta_token_ids)
+        reasoning, content = "", delta_text
+        if not self._fail_safe.failed:
+            try:
+                # deltas of whole tokens never split a marker (each is one token); bare text may
+                reasoning, content = self._stream.feed(delta_text, hold_partial=not delta_token_ids)
+            except Exception:
+                self._fail_safe.record("extract_reasoning_streaming")
         if not reasoning and not content:
             return None
         return DeltaMessage(reasoning=reasoning or None, content=content or None)

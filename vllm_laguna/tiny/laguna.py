@@ -68,10 +68,9 @@ class LagunaTiny:
     router_softcap: float = 0.0
     #: std of the e_score_correction_bias; large enough to change which experts win
     bias_std: float = 0.1
-    #: what config.json says: "per-head", "per-element", True or False
+    #: what config.json says: "per-head", "per-element", True (per-head weights, as
+    #: transformers reads it) or False (no g_proj)
     gating: Any = "per-head"
-    #: the gate the weights have when gating is True: "per-head" or "per-element"
-    gate_weights: str = "per-head"
     #: per-layer gate kinds written as config.json's `gating_types` (they decide the
     #: weights' shapes); None writes no such key
     gating_types: list[str] | None = None
@@ -79,6 +78,8 @@ class LagunaTiny:
     swa_attention_sink: bool = False
     #: std of the sink logits (around 0: each sink weighs about one key's worth)
     sink_std: float = 1.0
+    #: not the config parsers' default (1e-6): a model ignoring it fails the parity tests
+    rms_norm_eps: float = 1e-4
     vocab_size: int = 512
     weight_std: float = 0.08
     dtype: str = "float32"
@@ -157,7 +158,7 @@ class LagunaTiny:
             "moe_apply_router_weight_on_input": False,
             "gating": self.gating,
             "swa_attention_sink_enabled": self.swa_attention_sink,
-            "rms_norm_eps": 1e-6,
+            "rms_norm_eps": self.rms_norm_eps,
             "attention_bias": self.attention_bias,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": 2,
@@ -174,7 +175,7 @@ class LagunaTiny:
         """Whether the weights give ``layer`` a per-element gate (else per-head)."""
         if self.gating_types is not None:
             return self.gating_types[layer] == "per-element"
-        return self.gating == "per-element" or (self.gating is True and self.gate_weights == "per-element")
+        return self.gating == "per-element"
 
     def hub_state_dict(self) -> dict[str, torch.Tensor]:
         """Random weights named as in poolside's Hub checkpoints."""

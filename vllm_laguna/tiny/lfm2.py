@@ -56,8 +56,9 @@ class Lfm2Tiny:
     block_multiple_of: int = 32
     conv_L_cache: int = 3
     conv_bias: bool = False
-    norm_eps: float = 1e-5
-    rope_theta: float = 1_000_000.0
+    #: neither is the config parser's default (1e-5, 1e6): a model ignoring them fails parity
+    norm_eps: float = 1e-4
+    rope_theta: float = 250_000.0
     max_position_embeddings: int = 4096
     vocab_size: int = 512
     weight_std: float = 0.08

@@ -34,7 +34,7 @@ EXPERT_LAYOUTS = ("fused", "per-expert")
 
 def _llama3_rope() -> dict[str, Any]:
     """Llama 3 scaling whose three frequency bands (kept, smoothed, scaled) all occur at
-    head_dim 32 / theta 5e5: wavelengths below 64 are kept, above 256 divided by 8."""
+    head_dim 32 / theta 1e6: wavelengths below 64 are kept, above 256 divided by 8."""
     return {
         "rope_type": "llama3",
         "factor": 8.0,
@@ -85,7 +85,9 @@ class Llama4Tiny:
     use_qk_norm: bool = True
     attn_temperature_tuning: bool = True
     floor_scale: int = 16
-    attn_scale: float = 0.1
+    #: this, rope_theta and rms_norm_eps are not the config parser's defaults (0.1, 5e5,
+    #: 1e-5): a model ignoring one fails the parity tests
+    attn_scale: float = 0.25
     interleave_moe_layer_step: int = 2
     #: written when set; None lets the config derive them from the interleave step
     moe_layers: list[int] | None = None
@@ -93,9 +95,10 @@ class Llama4Tiny:
     top_k: int = 1
     intermediate_size: int = 32
     intermediate_size_mlp: int = 96
-    rope_theta: float = 500000.0
+    rope_theta: float = 1_000_000.0
     rope_scaling: dict[str, Any] | None = field(default_factory=_llama3_rope)
     max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-4
     vocab_size: int = 512
     attention_bias: bool = False
     tie_word_embeddings: bool = False
@@ -156,7 +159,7 @@ class Llama4Tiny:
             "head_dim": self.head_dim,
             "hidden_act": "silu",
             "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": 1e-5,
+            "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "rope_scaling": self.rope_scaling,
             "no_rope_layers": list(self.no_rope_layers),

@@ -221,7 +221,7 @@ class ToolCallScanner:
         buf = self._buf
         ends = [i for i in (buf.find("\n"), buf.find("<")) if i >= 0]
         if not ends:
-            if len(buf) <= _MAX_NAME:
+            if len(buf.rstrip()) <= _MAX_NAME:  # the name is stripped once it ends
                 return False
             self._malformed()
             return True
@@ -302,9 +302,10 @@ class ToolCallScanner:
         buf = self._buf
         found = first_of(buf, END_ARG_KEY, *_KEY_BREAKERS)
         if found is None:
-            if len(buf) <= _MAX_NAME:
+            undecided = len(buf) - partial_suffix(buf, END_ARG_KEY, *_KEY_BREAKERS)
+            if len(buf[:undecided].strip()) <= _MAX_NAME:  # the key is stripped once it ends
                 return False
-            self._bad_argument(len(buf) - partial_suffix(buf, END_ARG_KEY, *_KEY_BREAKERS))
+            self._bad_argument(undecided)
             return True
         index, tag = found
         if tag != END_ARG_KEY:

@@ -13,12 +13,13 @@ The grammar, the typing of values and the split-invariance live in
   (``skip_special_tokens=False``) whenever tools are in play, whether or not the tokenizer
   calls them special.
 
-Two Laguna-specific duties in streaming. When the prompt closed the reasoning (thinking
-off), vLLM's ``DelegatingParser`` hands every delta straight to this parser; a ``<think>``
-block the model opens itself is then routed to ``reasoning`` here, as the reasoning parser
-does for the complete output (vLLM sets ``skip_reasoning_parsing`` when no reasoning parser
-is configured, and the block stays content). And blanks waiting to see whether they are
-content are released when the turn's end token arrives in ``delta_token_ids``.
+A Laguna-specific duty in streaming: blanks waiting to see whether they are content are
+released when the turn's end token arrives in ``delta_token_ids``. A ``<think>`` block in
+the text this parser sees is content (the reasoning parser decides where reasoning ends;
+see :mod:`vllm_laguna.reasoning.splitter`).
+
+Model output never makes it raise: an internal error is logged once and the text comes back
+as content (:mod:`vllm_laguna.parser_errors`).
 """
 
 from __future__ import annotations
@@ -37,17 +38,14 @@ from vllm.entrypoints.generate.base.protocol import (
 )
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
-from vllm.logger import init_logger
 from vllm.renderers.chat_utils import make_tool_call_id
 from vllm.tokenizers import TokenizerLike
 from vllm.tool_parsers.abstract_tool_parser import Tool, ToolParser
 
 from vllm_laguna.laguna_format import END_ASSISTANT, END_TOOL_CALL, TOOL_CALL
-from vllm_laguna.reasoning.splitter import ReasoningSplitter
+from vllm_laguna.parser_errors import FailSafe
 from vllm_laguna.tool_parsers.arg_types import ArgumentSchemas
 from vllm_laguna.tool_parsers.call_scanner import ScanStep, ToolCallScanner, parse_complete
-
-logger = init_logger(__name__)
 
 
 class LagunaToolParser(ToolParser):
@@ -57,8 +55,6 @@ class LagunaToolParser(ToolParser):
     # required/named tool_choice: vLLM's JSON-forcing path would make the model write JSON
     # instead of its XML; parse what the model writes instead
     supports_required_and_named = False
-    #: set by vLLM when no reasoning parser is configured: a <think> block is content then
-    skip_reasoning_parsing: bool = False
 
     def __init__(self, tokenizer: TokenizerLike, tools: list[Tool] | None = None):
         super().__init__(tokenizer, tools)
@@ -68,8 +64,8 @@ class LagunaToolParser(ToolParser):
         end_ids = {self.vocab.get(END_ASSISTANT), getattr(tokenizer, "eos_token_id", None)}
         self._end_of_turn_ids = frozenset(i for i in end_ids if isinstance(i, int))
         self._scanner: ToolCallScanner | None = None
-        self._think: ReasoningSplitter | None = None
         self._call_ids: list[str] = []
+        self._fail_safe = FailSafe(type(self).__name__)
 
     def adjust_request(
         self, request: ChatCompletionRequest | ResponsesRequest
@@ -85,8 +81,8 @@ class LagunaToolParser(ToolParser):
     def extract_tool_calls(self, model_output: str, request: ChatCompletionRequest) -> ExtractedToolCallInformation:
         try:
             content, calls = parse_complete(model_output, self._schemas(request))
-        except Exception:  # a parser bug must not cost the response: keep the text
-            logger.exception("Laguna tool parser failed; returning the output as content")
+        except Exception:
+            self._fail_safe.record("extract_tool_calls")
             calls = []
         if not calls:
             return ExtractedToolCallInformation(tools_called=False, tool_calls=[], content=model_output)
@@ -106,23 +102,25 @@ class LagunaToolParser(ToolParser):
         delta_token_ids: Sequence[int],
         request: ChatCompletionRequest,
     ) -> DeltaMessage | None:
+        if not self._fail_safe.failed:
+            try:
+                return self._delta(self._scan(delta_text, delta_token_ids, request))
+            except Exception:
+                self._fail_safe.record("extract_tool_calls_streaming")
+        return DeltaMessage(content=delta_text) if delta_text else None
+
+    def _scan(self, delta_text: str, delta_token_ids: Sequence[int], request: Any) -> ScanStep:
         if self._scanner is None:
             self._scanner = ToolCallScanner(self._schemas(request))
-            if not self.skip_reasoning_parsing:
-                self._think = ReasoningSplitter(thinking=False)
         # deltas of whole tokens never split <tool_call> (one token); bare text may
-        hold = not delta_token_ids
-        reasoning, text = self._think.feed(delta_text, hold_partial=hold) if self._think else ("", delta_text)
-        step = self._scanner.feed(text, hold_partial=hold)
+        step = self._scanner.feed(delta_text, hold_partial=not delta_token_ids)
         if self._end_of_turn_ids.intersection(delta_token_ids):
-            if self._think is not None:
-                tail_reasoning, tail = self._think.finish()
-                reasoning += tail_reasoning
-                _extend(step, self._scanner.feed(tail, hold_partial=False))
-            _extend(step, self._scanner.finish())
-        return self._delta(step, reasoning)
+            finished = self._scanner.finish()
+            step.content.extend(finished.content)
+            step.calls.extend(finished.calls)
+        return step
 
-    def _delta(self, step: ScanStep, reasoning: str) -> DeltaMessage | None:
+    def _delta(self, step: ScanStep) -> DeltaMessage | None:
         assert self._scanner is not None
         deltas: dict[int, DeltaToolCall] = {}
         for index, name, fragment in step.calls:
@@ -145,11 +143,6 @@ class LagunaToolParser(ToolParser):
                 self.prev_tool_call_arr.append(record)
                 self.streamed_args_for_tool.append(call.arguments_json)
         content = "".join(step.content)
-        if not (content or reasoning or deltas):
+        if not (content or deltas):
             return None
-        return DeltaMessage(content=content or None, reasoning=reasoning or None, tool_calls=list(deltas.values()))
-
-
-def _extend(step: ScanStep, more: ScanStep) -> None:
-    step.content.extend(more.content)
-    step.calls.extend(more.calls)
+        return DeltaMessage(content=content or None, tool_calls=list(deltas.values()))

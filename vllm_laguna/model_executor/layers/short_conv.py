@@ -169,12 +169,10 @@ class ShortConv(MambaBase, nn.Module):
         ``bx``: ``[T, D]``, decode tokens first (one per request), then the prefill tokens;
         ``out`` receives the conv output, rows past the step's real tokens zeroed.
         """
-        metadata = get_forward_context().attn_metadata
-        metadata = metadata.get(self.prefix) if isinstance(metadata, dict) else None
-        if metadata is None:  # profile / dummy run: no slots, the value is unused
+        metadata = step_metadata(self.prefix)
+        if metadata is None:  # a dummy run: no request, no slot, the output is discarded
             out.copy_(bx)
             return
-        assert isinstance(metadata, ShortConvAttentionMetadata)
         weight = self.conv.weight  # [D, L]
         bias = self.conv.bias
         state = self.kv_cache[0] if is_conv_state_dim_first() else self.kv_cache[0].transpose(-1, -2)
@@ -194,6 +192,30 @@ class ShortConv(MambaBase, nn.Module):
                 metadata.has_initial_states_p,
             )
         out[num_tokens:] = 0
+
+
+def step_metadata(layer_name: str) -> ShortConvAttentionMetadata | None:
+    """The current step's short-conv metadata of ``layer_name``; None in vLLM's dummy runs.
+
+    vLLM runs the model without any attention metadata (``attn_metadata is None``) only in
+    ``GPUModelRunner._dummy_run`` without ``force_attention`` (which the CPU runner inherits):
+    the memory-profiling run at start-up, torch.compile warm-up, piecewise CUDA-graph
+    capture. No request holds a state slot there and the output is thrown away. Every real
+    step brings a dict with the metadata of every attention and mamba layer; this layer
+    missing from it would mean vLLM never allocated its state, and the conv would silently
+    compute something else. That raises, naming the layer.
+    """
+    metadata = get_forward_context().attn_metadata
+    if metadata is None:
+        return None
+    entry = metadata.get(layer_name) if isinstance(metadata, dict) else metadata
+    if not isinstance(entry, ShortConvAttentionMetadata):
+        raise RuntimeError(
+            f"{layer_name}: this step has no short-conv metadata for the layer (got "
+            f"{type(entry).__name__} from {type(metadata).__name__} attention metadata): its conv "
+            "state was not allocated by vLLM's KV-cache manager"
+        )
+    return entry
 
 
 @eager_break_during_capture
