@@ -13,6 +13,7 @@ import torch
 
 from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
 from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+from vllm.platforms import current_platform
 
 from vllm_laguna import kernels
 
@@ -39,8 +40,13 @@ class SigmoidTopKRouter(BaseRouter):
 
     @property
     def routing_method_type(self) -> RoutingMethodType:
-        # Custom: no fused-MoE backend may substitute its own routing for ours.
-        return RoutingMethodType.Custom
+        # Laguna's routing is DeepSeek-V3's with one expert group (vLLM's own router calls
+        # sigmoid + bias + renormalise with a group count DeepSeekV3). On CUDA, monolithic
+        # kernels do their own routing for that type, from parameters this layer does not
+        # give them, so there it stays Custom: no backend substitutes its routing for ours.
+        # On CPU every expert kernel takes this router's ids and weights, and the FP8 MoE
+        # kernels accept only the types they know (DeepSeekV3 among them).
+        return RoutingMethodType.DeepSeekV3 if current_platform.is_cpu() else RoutingMethodType.Custom
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
         return kernels.sigmoid_topk(
