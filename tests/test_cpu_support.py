@@ -88,3 +88,12 @@ def test_expert_scheme_follows_vllms_matching():
     assert scheme(int8_quant_config(targets=["Linear"], ignore=["lm_head"])) == INT8_EXPERTS
     assert scheme(int8_quant_config(targets=["Linear"], ignore=["re:.*\\.experts\\..*"])) is None
     assert expert_scheme(None, experts) is None
+
+
+def test_every_cpu_path_names_the_isa_it_needs():
+    from vllm_laguna.cpu_kind import CPU_PATHS, missing
+
+    for path, needs in CPU_PATHS.items():
+        assert missing(path, AMX) is None
+        reason = missing(path, AVX2)
+        assert reason.startswith(path) and all(isa in reason for isa in needs) and "AVX2" in reason

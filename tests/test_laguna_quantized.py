@@ -11,6 +11,7 @@ checked without running it.
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import pytest
@@ -67,26 +68,50 @@ def test_int8_w8a8_in_fp32_refused_on_amx(int8_checkpoints):
     assert "UnsupportedOnCpu" in message and "use dtype='bfloat16'" in message, message
 
 
-@pytest.fixture
-def laguna_on_meta(default_vllm_config, tmp_path):
-    """Our LagunaForCausalLM for the default tiny config, built on the meta device."""
+@contextlib.contextmanager
+def _on_meta(ckpt, dtype: str, dist_dir):
+    """Our LagunaForCausalLM for ``ckpt`` (its quantization config included), built on the
+    meta device, with the VllmConfig it was built from."""
     import torch
-    from transformers import AutoConfig
     from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.distributed import cleanup_dist_env_and_memory, init_distributed_environment, initialize_model_parallel
 
     from vllm_laguna.model_executor.models.laguna import LagunaForCausalLM
 
-    ckpt = build_laguna(tmp_path / "ckpt")
-    vllm_config = VllmConfig(model_config=ModelConfig(model=str(ckpt), dtype="bfloat16", max_model_len=256))
+    vllm_config = VllmConfig(model_config=ModelConfig(model=str(ckpt), dtype=dtype, max_model_len=256))
     with set_current_vllm_config(vllm_config):
-        init_distributed_environment(1, 0, f"file://{tmp_path / 'dist'}", 0, "gloo")
+        init_distributed_environment(1, 0, f"file://{dist_dir}", 0, "gloo")
         initialize_model_parallel(1, 1)
-        with torch.device("meta"):
-            yield LagunaForCausalLM(vllm_config=vllm_config), AutoConfig.from_pretrained(ckpt)
-    from vllm.distributed import cleanup_dist_env_and_memory
+        try:
+            with torch.device("meta"):
+                yield LagunaForCausalLM(vllm_config=vllm_config), vllm_config
+        finally:
+            cleanup_dist_env_and_memory()
 
-    cleanup_dist_env_and_memory()
+
+@pytest.fixture
+def laguna_on_meta(default_vllm_config, tmp_path):
+    """Our LagunaForCausalLM for the default tiny config, built on the meta device."""
+    from transformers import AutoConfig
+
+    ckpt = build_laguna(tmp_path / "ckpt")
+    with _on_meta(ckpt, "bfloat16", tmp_path / "dist") as (model, _):
+        yield model, AutoConfig.from_pretrained(ckpt)
+
+
+def test_amx_int8_kernel_layers_found_in_the_built_model(int8_checkpoints, default_vllm_config, tmp_path):
+    """The load-time check finds the int8 linears vLLM would hand to its AMX kernel in a built
+    model (an AMX CPU made up here, the real refusal is test_int8_w8a8_in_fp32_refused_on_amx):
+    fp32 is refused, bf16 is not."""
+    from vllm_laguna.cpu_kind import CpuKind
+    from vllm_laguna.model_executor.cpu_support import UnsupportedOnCpu, check_model
+
+    amx = CpuKind(avx2=True, avx512=True, avx512_bf16=True, amx=True)
+    with _on_meta(int8_checkpoints[0], "float32", tmp_path / "dist32") as (model, vllm_config):
+        with pytest.raises(UnsupportedOnCpu, match="use dtype='bfloat16'"):
+            check_model(vllm_config, model, kind=amx)
+    with _on_meta(int8_checkpoints[0], "bfloat16", tmp_path / "dist16") as (model, vllm_config):
+        check_model(vllm_config, model, kind=amx)
 
 
 def test_nvfp4_scheme_lands_on_the_right_modules(laguna_on_meta):
