@@ -1,9 +1,16 @@
 """Quantized variants of the tiny checkpoints, in compressed-tensors' on-disk format.
 
-* :func:`int8_w8a8` quantizes linear weights per output channel to int8 (dynamic per-token
-  int8 activations at run time) and writes the dequantized twin that transformers runs as
-  the reference. vLLM's CPU backend runs int8 linears; its quantized fused-MoE kernels all
-  need AMX, so the routed experts stay unquantized (listed in ``ignore``).
+Each writer quantizes a selection of linear weights, writes the checkpoint with its
+``quantization_config``, and writes the exact dequantized twin (same weights, as fp32, no
+quantization config) that transformers runs as the reference, so a comparison measures the
+kernels and not the rounding of the weights.
+
+* :func:`int8_w8a8`: linear weights per output channel to int8 (dynamic per-token int8
+  activations at run time); routed experts and router stay full precision.
+* :func:`fp8_block_experts`: the routed experts' weights to FP8 (e4m3) with one scale per
+  128x128 block (llm-compressor's ``FP8_BLOCK``), everything else full precision.
+* :func:`int8_experts`: the routed experts to int8 W8A8 as well (a scheme vLLM's CPU MoE kernels
+  refuse for sigmoid-routed models).
 * :func:`nvfp4_tensor_names` lists the tensors an NVFP4 checkpoint of the same model holds
   (Laguna-M.1-NVFP4's layout: MLPs and experts NVFP4, attention and router bf16).
 """
@@ -11,7 +18,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,65 +29,152 @@ from checkpoint_edits import rewrite_tensors
 
 #: modules left in full precision, as compressed-tensors' `ignore` list writes them
 INT8_IGNORE = ["lm_head", "re:.*mlp\\.gate$", "re:.*mlp\\.experts\\..*"]
+#: the routed experts' per-expert weights, as compressed-tensors targets them
+EXPERTS_TARGET = "re:.*mlp\\.experts\\..*"
+FP8_BLOCK = 128
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+Quantizer = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
-def _quantizable(name: str, tensor: torch.Tensor) -> bool:
-    if tensor.dim() != 2 or not name.endswith("_proj.weight"):
-        return False
-    return ".mlp.experts." not in name
+def _int8_args(dynamic: bool, strategy: str) -> dict:
+    return {"num_bits": 8, "type": "int", "strategy": strategy, "symmetric": True, "dynamic": dynamic}
 
 
-def _rewrite(src: Path, dst: Path, convert) -> None:
-    shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(src, dst)
-    rewrite_tensors(dst, convert)
-
-
-def int8_w8a8(src: Path, quantized: Path, dequantized: Path) -> None:
-    """Write the int8 checkpoint to ``quantized`` and its exact dequantized twin to ``dequantized``."""
-
-    def quantize(tensors):
-        out = {}
-        for name, t in tensors.items():
-            if not _quantizable(name, t):
-                out[name] = t
-                continue
-            scale = t.float().abs().amax(dim=1, keepdim=True) / 127
-            out[name] = torch.round(t.float() / scale).clamp(-128, 127).to(torch.int8)
-            out[name.removesuffix("weight") + "weight_scale"] = scale
-        return out
-
-    def dequantize(tensors):
-        out = {}
-        for name, t in tensors.items():
-            if name.endswith("weight_scale"):
-                continue
-            scale = tensors.get(name.removesuffix("weight") + "weight_scale")
-            out[name] = t.float() * scale if scale is not None else t
-        return out
-
-    _rewrite(src, quantized, quantize)
-    config = json.loads((quantized / "config.json").read_text())
-    config["quantization_config"] = {
+def int8_quant_config(targets: list[str], ignore: list[str]) -> dict:
+    """int8 W8A8: per-channel weights, dynamic per-token activations."""
+    return {
         "quant_method": "compressed-tensors",
         "format": "int-quantized",
         "quantization_status": "compressed",
         "config_groups": {
             "group_0": {
-                "targets": ["Linear"],
-                "weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True, "dynamic": False},
+                "targets": targets,
+                "weights": _int8_args(False, "channel"),
+                "input_activations": _int8_args(True, "token"),
+            }
+        },
+        "ignore": ignore,
+    }
+
+
+def fp8_block_quant_config() -> dict:
+    """FP8 e4m3 weights with 128x128 block scales, dynamic per-128-group activations, on the
+    routed experts only."""
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": [EXPERTS_TARGET],
+                "weights": {
+                    "num_bits": 8, "type": "float", "strategy": "block", "block_structure": [FP8_BLOCK, FP8_BLOCK],
+                    "symmetric": True, "dynamic": False,
+                },
                 "input_activations": {
-                    "num_bits": 8, "type": "int", "strategy": "token", "symmetric": True, "dynamic": True
+                    "num_bits": 8, "type": "float", "strategy": "group", "group_size": FP8_BLOCK,
+                    "symmetric": True, "dynamic": True,
                 },
             }
         },
-        "ignore": INT8_IGNORE,
+        "ignore": ["lm_head"],
     }
-    (quantized / "config.json").write_text(json.dumps(config, indent=2))
 
-    _rewrite(quantized, dequantized, dequantize)
-    config.pop("quantization_config")
-    (dequantized / "config.json").write_text(json.dumps(config, indent=2))
+
+def _int8_per_channel(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    scale = weight.float().abs().amax(dim=1, keepdim=True) / 127
+    return {"weight": torch.round(weight.float() / scale).clamp(-128, 127).to(torch.int8), "weight_scale": scale}
+
+
+def _fp8_per_block(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    rows, cols = weight.shape
+    if rows % FP8_BLOCK or cols % FP8_BLOCK:
+        raise ValueError(f"FP8 block quantization needs multiples of {FP8_BLOCK}, got {tuple(weight.shape)}")
+    blocks = weight.float().reshape(rows // FP8_BLOCK, FP8_BLOCK, cols // FP8_BLOCK, FP8_BLOCK)
+    scale = blocks.abs().amax(dim=(1, 3)) / FP8_MAX
+    quantized = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).reshape(rows, cols)
+    return {"weight": quantized, "weight_scale": scale}
+
+
+def _dequantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    rows, cols = weight.shape
+    block_rows, block_cols = rows // scale.shape[0], cols // scale.shape[1]
+    return weight.float() * scale.repeat_interleave(block_rows, 0).repeat_interleave(block_cols, 1)
+
+
+def _write(src: Path, quantized: Path, dequantized: Path, config: dict, selected, quantize: Quantizer) -> None:
+    def quantize_all(tensors):
+        out = {}
+        for name, t in tensors.items():
+            if not selected(name, t):
+                out[name] = t
+                continue
+            stem = name.removesuffix("weight")
+            out.update({stem + leaf: v for leaf, v in quantize(t).items()})
+        return out
+
+    def dequantize_all(tensors):
+        out = {}
+        for name, t in tensors.items():
+            if name.endswith("weight_scale"):
+                continue
+            scale = tensors.get(name.removesuffix("weight") + "weight_scale")
+            out[name] = _dequantize(t, scale) if scale is not None else t
+        return out
+
+    for dst, convert in ((quantized, quantize_all), (dequantized, dequantize_all)):
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src if dst == quantized else quantized, dst)
+        rewrite_tensors(dst, convert)
+    meta = json.loads((quantized / "config.json").read_text())
+    meta["quantization_config"] = config
+    (quantized / "config.json").write_text(json.dumps(meta, indent=2))
+
+
+def _is_expert_weight(name: str, tensor: torch.Tensor) -> bool:
+    return re.search(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$", name) is not None
+
+
+def _is_dense_linear(name: str, tensor: torch.Tensor) -> bool:
+    return tensor.dim() == 2 and name.endswith("_proj.weight") and ".mlp.experts." not in name
+
+
+def int8_w8a8(src: Path, quantized: Path, dequantized: Path) -> None:
+    """int8 W8A8 linears (attention, dense and shared-expert MLPs); experts and router full precision."""
+    _write(src, quantized, dequantized, int8_quant_config(["Linear"], INT8_IGNORE), _is_dense_linear, _int8_per_channel)
+
+
+def fp8_block_experts(src: Path, quantized: Path, dequantized: Path) -> None:
+    """Routed experts as FP8 with 128x128 blocks (Hub layout: per-expert tensors)."""
+    _write(src, quantized, dequantized, fp8_block_quant_config(), _is_expert_weight, _fp8_per_block)
+
+
+def vary_expert_blocks(ckpt: Path) -> None:
+    """Scale each 128x128 block of every expert weight by 1/2, 1 or 2 (varying with the block
+    and the expert), so that the FP8 block scales differ and one applied to the wrong block or
+    expert changes the output instead of hiding."""
+
+    def vary(tensors):
+        out = {}
+        for name, t in tensors.items():
+            if not _is_expert_weight(name, t):
+                out[name] = t
+                continue
+            expert = int(re.search(r"experts\.(\d+)\.", name).group(1))
+            rows, cols = t.shape[0] // FP8_BLOCK, t.shape[1] // FP8_BLOCK
+            exponent = (torch.arange(rows)[:, None] + 2 * torch.arange(cols)[None, :] + expert) % 3 - 1
+            factor = (2.0 ** exponent).repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)
+            out[name] = (t.float() * factor).to(t.dtype)
+        return out
+
+    rewrite_tensors(ckpt, vary)
+
+
+def int8_experts(src: Path, quantized: Path, dequantized: Path) -> None:
+    """Routed experts as int8 W8A8 (per-channel weights), everything else full precision."""
+    config = int8_quant_config([EXPERTS_TARGET], ["lm_head"])
+    _write(src, quantized, dequantized, config, _is_expert_weight, _int8_per_channel)
 
 
 NVFP4_QUANT_CONFIG = {

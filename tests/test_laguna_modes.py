@@ -4,12 +4,14 @@ tensor parallelism 2 on the CPU backend."""
 from __future__ import annotations
 
 import pytest
-import torch
 
-from harness import assert_close_greedy_bf16, assert_parity, hf_greedy, prompts_for, vllm_greedy
+from harness import BF16, assert_parity, hf_greedy, low_precision_gaps, prompts_for, vllm_greedy, vllm_run
 from vllm_laguna.tiny.laguna import build_laguna
 
 PROMPTS = prompts_for(512, [5, 23, 40, 70], seed=7)
+#: more, shorter runs for the bf16 statistics: 12 prompts (half past the sliding window),
+#: 24 steps each
+BF16_PROMPTS = prompts_for(512, [5, 9, 12, 17, 23, 28, 33, 40, 45, 50, 64, 70], seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +24,11 @@ def reference(checkpoint):
     return hf_greedy(checkpoint, PROMPTS)
 
 
-def test_bf16_follows_vllm_convention(checkpoint):
-    bf16_ckpt = checkpoint  # fp32 weights, both sides cast to bf16 at load
-    expected = hf_greedy(bf16_ckpt, PROMPTS, dtype=torch.bfloat16)
-    actual = vllm_greedy(bf16_ckpt, PROMPTS, dtype="bfloat16")
-    assert_close_greedy_bf16(expected, actual)
+def test_bf16_close_to_exact(checkpoint):
+    """bf16 (the checkpoint's fp32 weights cast at load) against exact arithmetic on vLLM's
+    own tokens, within the bf16 bounds (``harness.BF16``), on the prefill and decode paths."""
+    results, _ = vllm_run(checkpoint, BF16_PROMPTS, max_new_tokens=24, dtype="bfloat16", prompt_logprobs=True)
+    print(low_precision_gaps(checkpoint, BF16_PROMPTS, results).assert_within(BF16))
 
 
 def test_default_compiled_mode(checkpoint, reference):

@@ -16,14 +16,15 @@ import pytest
 import torch
 
 from harness import (
+    BF16,
     FeatureOff,
     Greedy,
-    assert_close_greedy_bf16,
     assert_feature_changes_reference,
     assert_parity,
     engine_kwargs,
     hf_greedy,
     keys_left_at_default,
+    low_precision_gaps,
     prompts_for,
     reference_logprobs,
     shutdown,
@@ -133,8 +134,8 @@ def test_conv_state_in_another_dtype_than_the_model(checkpoint, prompts, monkeyp
     """``mamba_cache_dtype="bfloat16"`` under an fp32 model: the conv state is allocated in
     bf16; the first token of a prompt prefilled in one step (shorter than a KV block: vLLM's
     default prefix caching prefills block by block, and later blocks read the state) matches
-    transformers to the fp32 bound; the continuation, which reads the rounded state, follows
-    vLLM's bf16 convention. Also: vLLM's profile run (the start-up memory profile on GPUs, the compile
+    transformers to the fp32 bound; the whole run, which reads the rounded state, is within
+    the bf16 bounds of exact arithmetic (``harness.BF16``). Also: vLLM's profile run (the start-up memory profile on GPUs, the compile
     warm-up on CPU) reaches the conv without any attention metadata, the one case
     ``short_conv.step_metadata`` lets through; real steps always bring it."""
     from vllm import LLM, SamplingParams
@@ -159,7 +160,7 @@ def test_conv_state_in_another_dtype_than_the_model(checkpoint, prompts, monkeyp
         seen.clear()
         llm.collective_rpc(lambda worker: worker.model_runner.profile_run())
         profile_run, seen[:] = list(seen), []
-        params = SamplingParams(temperature=0.0, max_tokens=32, logprobs=5, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=32, logprobs=5, prompt_logprobs=5, ignore_eos=True)
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     finally:
         shutdown(llm)
@@ -171,4 +172,4 @@ def test_conv_state_in_another_dtype_than_the_model(checkpoint, prompts, monkeyp
     one_step = [i for i, p in enumerate(prompts) if len(p) < 128]
     first_token = [[Greedy(run[i].tokens[:1], run[i].top5[:1]) for i in one_step] for run in (expected, actual)]
     assert_parity(*first_token, min_tokens=1)
-    assert_close_greedy_bf16(expected, actual)
+    print(low_precision_gaps(ckpt, prompts, actual).assert_within(BF16))

@@ -80,7 +80,9 @@ PINS: dict[str, tuple[str, ...]] = {
         "num_speculative_tokens", "structured_outputs_config",
     ),
     "vllm.config:ModelConfig": ("dtype", "hf_config", "hf_text_config", "architecture"),
-    "vllm.config:CacheConfig": ("mamba_cache_dtype", "block_size", "kv_cache_memory_bytes", "gpu_memory_utilization"),
+    "vllm.config:CacheConfig": (
+        "mamba_cache_dtype", "block_size", "kv_cache_memory_bytes", "gpu_memory_utilization", "cache_dtype",
+    ),
     "vllm.config.structured_outputs:StructuredOutputsConfig": ("reasoning_parser",),
     "vllm.config:get_current_vllm_config": (),
     "vllm.config.compilation:CompilationConfig": ("custom_ops", "splitting_ops", "static_forward_context"),
@@ -133,11 +135,24 @@ PINS: dict[str, tuple[str, ...]] = {
         "is_fused_checkpoint_transposed", "routed_input_transform", "routed_output_transform",
     ),
     "vllm.model_executor.layers.fused_moe:GateLinear": ("bias", "out_dtype", "quant_config", "prefix"),
-    "vllm.model_executor.layers.fused_moe.config:RoutingMethodType": ("Custom",),
+    "vllm.model_executor.layers.fused_moe.config:RoutingMethodType": ("Custom", "DeepSeekV3"),
     "vllm.model_executor.layers.fused_moe.router.base_router:BaseRouter": (
         "top_k", "global_num_experts", "_compute_routing", "routing_method_type",
         "supports_monolithic_kernels@0.33",
     ),
+    # what the CPU kernels run (model_executor/cpu_support.py)
+    "vllm.platforms:current_platform": (),
+    "vllm.model_executor.layers.fused_moe:RoutedExperts": (),
+    "vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors:CompressedTensorsConfig": (
+        "_add_fused_moe_to_target_scheme_map", "get_scheme_dict",
+    ),
+    "vllm.model_executor.layers.quantization.compressed_tensors.schemes:CompressedTensorsW8A8Int8": (
+        "input_symmetric",
+    ),
+    "vllm.model_executor.layers.quantization.fp8:Fp8Config": (
+        "ignored_layers", "packed_modules_mapping", "ignored_layers_match_mode", "weight_block_size",
+    ),
+    "vllm.model_executor.layers.quantization.utils.quant_utils:is_layer_skipped": (),
     # weights
     "vllm.model_executor.model_loader.weight_utils:sharded_weight_loader": (),
     "vllm.model_executor.utils:set_weight_attrs": (),
@@ -290,6 +305,7 @@ def test_our_routers_refuse_monolithic_kernels():
     (pinned in HOOKS), which keeps every monolithic expert kernel, routing on its own, away."""
     import torch
     from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
+    from vllm.platforms import current_platform
 
     from vllm_laguna.model_executor.layers.routing import Llama4TopKRouter, SigmoidTopKRouter
 
@@ -299,4 +315,8 @@ def test_our_routers_refuse_monolithic_kernels():
     ]
     for router in routers:
         assert router.supports_monolithic_kernels is False
-        assert router.routing_method_type == RoutingMethodType.Custom
+    # Custom, except Laguna's on CPU: DeepSeekV3, which vLLM's CPU FP8 MoE kernels accept and
+    # no monolithic CPU kernel does (SigmoidTopKRouter.routing_method_type)
+    laguna_on_this_platform = RoutingMethodType.DeepSeekV3 if current_platform.is_cpu() else RoutingMethodType.Custom
+    assert routers[0].routing_method_type == laguna_on_this_platform
+    assert routers[1].routing_method_type == RoutingMethodType.Custom

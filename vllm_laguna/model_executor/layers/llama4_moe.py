@@ -31,6 +31,7 @@ from vllm.model_executor.layers.linear import ReplicatedLinear
 from vllm.model_executor.layers.quantization import QuantizationConfig
 
 from vllm_laguna.configs.llama4 import Llama4Arch
+from vllm_laguna.model_executor.cpu_support import check_experts
 from vllm_laguna.model_executor.layers.routing import Llama4TopKRouter
 from vllm_laguna.model_executor.layers.swiglu import SwiGLU
 
@@ -89,6 +90,7 @@ class Llama4MoE(nn.Module):
             prefix=f"{prefix}.shared_expert",
         )
         per_choice = arch.top_k > 1
+        check_experts(quant_config, f"{prefix}.experts", router_weights_on_input=True)
         self.experts = FusedMoEFactory(
             num_experts=arch.num_experts,
             top_k=1,  # one expert per row; see the module docstring

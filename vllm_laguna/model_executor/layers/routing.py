@@ -14,6 +14,7 @@ import torch
 
 from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
 from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+from vllm.platforms import current_platform
 
 from vllm_laguna import kernels
 
@@ -57,6 +58,16 @@ class SigmoidTopKRouter(OwnRouting):
         self.correction_bias = correction_bias
         self.softcap = softcap
         self.routed_scaling_factor = routed_scaling_factor
+
+    @property
+    def routing_method_type(self) -> RoutingMethodType:
+        # On CPU: DeepSeekV3, which Laguna's routing is with one expert group (vLLM's own
+        # router names sigmoid + bias + renormalise with a group count so). vLLM's CPU FP8
+        # MoE kernels take only routing types they know, DeepSeekV3 among them, and are
+        # modular: they take this router's ids and weights. No monolithic CPU kernel accepts
+        # DeepSeekV3 (CPUExpertsInt4, and zentorch's int4, which does accept Custom and
+        # would route by softmax). Elsewhere Custom (see OwnRouting).
+        return RoutingMethodType.DeepSeekV3 if current_platform.is_cpu() else RoutingMethodType.Custom
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
         return kernels.sigmoid_topk(

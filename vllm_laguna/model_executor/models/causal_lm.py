@@ -21,6 +21,7 @@ from vllm.model_executor.models.interfaces import SupportsQuant
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
+from vllm_laguna.model_executor.cpu_support import check_model
 from vllm_laguna.model_executor.layers.cpu_gemm import use_fp32_onednn_for_bf16
 
 
@@ -123,6 +124,7 @@ class CausalLM(nn.Module, SupportsQuant):
         if arch.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(arch.vocab_size)
+        check_model(vllm_config, self)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)

@@ -30,6 +30,7 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
 from vllm_laguna.configs.laguna import LagunaArch, parse_laguna_config
 from vllm_laguna.model_executor.checkpoint import CheckpointAudit
+from vllm_laguna.model_executor.cpu_support import check_experts
 from vllm_laguna.model_executor.layers.gated_attention import GatedAttention
 from vllm_laguna.model_executor.layers.routing import SigmoidTopKRouter
 from vllm_laguna.model_executor.layers.swiglu import SwiGLU
@@ -79,6 +80,7 @@ class LagunaSparseMoeBlock(nn.Module):
             if arch.shared_expert_intermediate_size > 0
             else None
         )
+        check_experts(quant_config, f"{prefix}.experts")
         router = SigmoidTopKRouter(
             top_k=arch.top_k,
             num_experts=arch.num_experts,

@@ -1,0 +1,195 @@
+"""What vLLM 0.32's CPU kernels run on this CPU kind, decided while the model is built.
+
+vLLM picks its CPU kernels from the processor (torch's cpuinfo flags, see
+:mod:`vllm_laguna.cpu_kind`) and from the checkpoint's quantization. Some combinations it
+accepts at load then fail inside a kernel on the first forward (on AMX, int8 W8A8 linears in
+fp32: ``int8_scaled_mm_with_quant: expect A to be bfloat16 or half``), others fail with an
+error that does not say what would run (``No Int8 MoE backend supports the deployment
+configuration``). :func:`refusal` decides from what a run asks for (:class:`CpuRequest`) and
+the CPU whether vLLM can run it, and otherwise says what to use instead; the models call
+:func:`check_experts` before building their fused-MoE layers and :func:`check_model` once
+built, and both raise :class:`UnsupportedOnCpu` with that message.
+
+What the rules encode (vLLM 0.32 sources):
+
+* int8 W8A8 linears: on AMX, every layer with a symmetric-activation scheme, ``K % 32 == 0``
+  and ``N % 16 == 0`` runs ``int8_scaled_mm_with_quant`` (``CPUInt8ScaledMMLinearKernel``),
+  which takes bf16/fp16 activations only; elsewhere oneDNN runs them in fp32 or bf16.
+* quantized routed experts: every CPU quantized MoE kernel needs AMX (``CPUExpertsInt8``,
+  ``CPUExpertsFp8``...) and checks the routing method it is built for. The int8, int4 and
+  MXFP4 ones accept only softmax routing; the FP8 ones also accept DeepSeek-V3 routing, which
+  Laguna's is (sigmoid, selection bias, renormalised, scaled, one expert group), and only
+  128x128 block-quantized weights (``kFp8Static128BlockSym``). They compute in bf16/fp16
+  (``AT_DISPATCH_REDUCED_FLOATING_TYPES`` in ``fused_experts_cpu``) and none applies router
+  weights to the expert input (Llama 4's scheme).
+* the fp8 KV cache: ``cpu_attn._get_attn_isa`` needs AVX-512 or AMX.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_laguna.cpu_kind import CpuKind, detect
+
+
+class UnsupportedOnCpu(ValueError):
+    """vLLM's CPU backend cannot run this combination on this CPU."""
+
+
+#: quantized-expert schemes as :func:`expert_scheme` names them
+INT8_EXPERTS = "int8 W8A8"
+FP8_BLOCK_EXPERTS = "FP8 with 128x128 blocks"
+
+#: what to write in a compressed-tensors config to keep the routed experts unquantized
+IGNORE_EXPERTS = "add 're:.*\\.experts\\..*' to the quantization config's `ignore` list"
+
+
+@dataclass(frozen=True)
+class CpuRequest:
+    """What a run asks of vLLM's CPU kernels."""
+
+    dtype: torch.dtype
+    kv_cache_dtype: str = "auto"
+    #: int8 W8A8 linears that vLLM runs with its AMX kernel where the CPU has AMX
+    amx_int8_linears: bool = False
+    #: the routed experts' quantization (:func:`expert_scheme`), None when unquantized
+    experts: str | None = None
+    #: router weights scale the expert input (Llama 4) rather than its output
+    router_weights_on_input: bool = False
+
+
+def refusal(request: CpuRequest, kind: CpuKind) -> str | None:
+    """None if vLLM's CPU backend runs ``request`` on a CPU of ``kind``, else why not and
+    what to use instead."""
+    low_precision = request.dtype in (torch.bfloat16, torch.float16)
+    if request.kv_cache_dtype.startswith("fp8") and not (kind.avx512 or kind.amx):
+        return (
+            f"kv_cache_dtype={request.kv_cache_dtype!r} needs AVX-512 or AMX on vLLM's CPU backend "
+            f"(this CPU is {kind.name}): use kv_cache_dtype='auto'"
+        )
+    if request.amx_int8_linears and kind.amx and not low_precision:
+        return (
+            f"int8 W8A8 linears on an AMX CPU run vLLM's int8_scaled_mm_with_quant kernel, which "
+            f"takes bfloat16 or float16 activations, not {request.dtype}: use dtype='bfloat16'"
+        )
+    if request.experts is None:
+        return None
+    experts = f"routed experts quantized as {request.experts}"
+    keep = f"keep the routed experts unquantized ({IGNORE_EXPERTS})"
+    if request.router_weights_on_input:
+        return (
+            f"{experts}: this model applies router weights to the expert input, which none of "
+            f"vLLM's CPU quantized MoE kernels supports: {keep}"
+        )
+    if request.experts != FP8_BLOCK_EXPERTS:
+        return (
+            f"{experts}: vLLM's CPU MoE kernels for that scheme accept softmax routing only, and "
+            f"this model routes by sigmoid with a selection bias: quantize the experts as "
+            f"{FP8_BLOCK_EXPERTS} (weights strategy 'block', block_structure [128, 128]; needs "
+            f"AMX) or {keep}"
+        )
+    if not kind.amx:
+        return f"{experts}: vLLM's CPU FP8 MoE kernels need AMX (this CPU is {kind.name}): {keep}"
+    if not low_precision:
+        return (
+            f"{experts}: vLLM's AMX FP8 MoE kernel takes bfloat16 or float16 activations, not "
+            f"{request.dtype}: use dtype='bfloat16'"
+        )
+    return None
+
+
+def expert_scheme(quant_config, experts_prefix: str) -> str | None:
+    """How ``quant_config`` quantizes the fused-MoE layer ``experts_prefix`` (vLLM's own
+    target/ignore matching), None if it leaves it unquantized."""
+    if quant_config is None:
+        return None
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig,
+    )
+    from vllm.model_executor.layers.quantization.fp8 import Fp8Config
+    from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+
+    if isinstance(quant_config, CompressedTensorsConfig):
+        # as vLLM's CompressedTensorsMoEMethod.get_moe_method: a "Linear" target covers the
+        # experts, matched by module class and by the unfused expert names
+        quant_config._add_fused_moe_to_target_scheme_map()
+        probe = RoutedExperts.__new__(RoutedExperts)
+        scheme = quant_config.get_scheme_dict(probe, f"{experts_prefix}.0.gate_proj")
+        if scheme is None:
+            return None
+        weights, inputs = scheme.get("weights"), scheme.get("input_activations")
+        if weights is None:
+            return None
+        if weights.type == "int" and weights.num_bits == 8 and inputs is not None and inputs.num_bits == 8:
+            return INT8_EXPERTS
+        if weights.type == "float" and weights.num_bits == 8:
+            block = list(weights.block_structure or []) if weights.strategy == "block" else []
+            return FP8_BLOCK_EXPERTS if block == [128, 128] else f"FP8 ({weights.strategy} scales)"
+        return f"{weights.type}{weights.num_bits} ({weights.strategy})"
+    if isinstance(quant_config, Fp8Config):
+        if is_layer_skipped(
+            experts_prefix,
+            quant_config.ignored_layers,
+            quant_config.packed_modules_mapping,
+            match_mode=quant_config.ignored_layers_match_mode,
+        ):
+            return None
+        block = list(quant_config.weight_block_size or [])
+        return FP8_BLOCK_EXPERTS if block == [128, 128] else "FP8 (per-tensor scales)"
+    return quant_config.get_name()
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _raise_if_refused(request: CpuRequest, kind: CpuKind | None) -> None:
+    reason = refusal(request, kind or detect())
+    if reason is not None:
+        raise UnsupportedOnCpu(reason)
+
+
+def check_experts(
+    quant_config, experts_prefix: str, router_weights_on_input: bool = False, kind: CpuKind | None = None
+) -> None:
+    """Before a fused-MoE layer is built: refuse quantized experts vLLM's CPU kernels cannot run."""
+    if not _on_cpu():
+        return
+    from vllm.config import get_current_vllm_config
+
+    model_config = get_current_vllm_config().model_config
+    request = CpuRequest(
+        dtype=model_config.dtype if model_config is not None else torch.get_default_dtype(),
+        experts=expert_scheme(quant_config, experts_prefix),
+        router_weights_on_input=router_weights_on_input,
+    )
+    _raise_if_refused(request, kind)
+
+
+def check_model(vllm_config, model: torch.nn.Module, kind: CpuKind | None = None) -> None:
+    """Once the model's layers exist: refuse its linear-layer quantization or KV-cache dtype
+    where vLLM's CPU kernels cannot run them."""
+    if not _on_cpu():
+        return
+    request = CpuRequest(
+        dtype=vllm_config.model_config.dtype,
+        kv_cache_dtype=vllm_config.cache_config.cache_dtype,
+        amx_int8_linears=any(_runs_amx_int8_kernel(m) for m in model.modules()),
+    )
+    _raise_if_refused(request, kind)
+
+
+def _runs_amx_int8_kernel(module: torch.nn.Module) -> bool:
+    """``module`` is an int8 W8A8 linear that vLLM hands to ``int8_scaled_mm_with_quant`` on
+    AMX (``CPUInt8ScaledMMLinearKernel``: symmetric activations, ``check_cpu_sgl_kernel``)."""
+    from vllm.model_executor.layers.quantization.compressed_tensors.schemes import CompressedTensorsW8A8Int8
+
+    scheme = getattr(module, "scheme", None)
+    if not isinstance(scheme, CompressedTensorsW8A8Int8) or not scheme.input_symmetric:
+        return False
+    return module.input_size_per_partition % 32 == 0 and module.output_size_per_partition % 16 == 0
