@@ -4,13 +4,16 @@ vLLM 0.32's CPU router only knows softmax top-k (``assert scoring_func == "softm
 Laguna's sigmoid + correction-bias routing and Llama 4's sigmoid-of-top-k crash there.
 These routers implement the two schemes themselves and are handed to the fused-MoE layer
 on every platform; the math lives in :mod:`vllm_laguna.kernels` (Triton on CUDA, torch
-elsewhere).
+elsewhere). ``_compute_routing`` returns logical expert ids; with EPLB, ``BaseRouter`` then maps
+them to physical replicas through ``eplb_state`` and records the load (see
+:mod:`vllm_laguna.model_executor.layers.experts`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from vllm.distributed.eplb.eplb_state import EplbLayerState
 from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
 from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 
@@ -31,8 +34,9 @@ class SigmoidTopKRouter(BaseRouter):
         correction_bias: torch.Tensor | None,
         softcap: float,
         routed_scaling_factor: float,
+        eplb_state: EplbLayerState | None = None,
     ):
-        super().__init__(top_k=top_k, global_num_experts=num_experts)
+        super().__init__(top_k=top_k, global_num_experts=num_experts, eplb_state=eplb_state)
         self.correction_bias = correction_bias
         self.softcap = softcap
         self.routed_scaling_factor = routed_scaling_factor
@@ -65,8 +69,8 @@ class Llama4TopKRouter(BaseRouter):
     rows are tokens and this is plain top-1 routing.
     """
 
-    def __init__(self, top_k: int, global_num_experts: int):
-        super().__init__(top_k=1, global_num_experts=global_num_experts)
+    def __init__(self, top_k: int, global_num_experts: int, eplb_state: EplbLayerState | None = None):
+        super().__init__(top_k=1, global_num_experts=global_num_experts, eplb_state=eplb_state)
         self.choices_per_token = top_k
 
     @property

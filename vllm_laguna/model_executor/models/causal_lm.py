@@ -17,7 +17,7 @@ from vllm.config import VllmConfig
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.models.interfaces import SupportsQuant
+from vllm.model_executor.models.interfaces import SupportsLoRA, SupportsQuant
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
@@ -101,15 +101,17 @@ class DecoderModel(nn.Module):
         return hidden_states
 
 
-class CausalLM(nn.Module, SupportsQuant):
+class CausalLM(nn.Module, SupportsLoRA, SupportsQuant):
     """vLLM's model interface around a :class:`DecoderModel`: LM head (tied or not) and logits."""
 
     model_cls: ClassVar[type[DecoderModel]]
     #: fused modules -> the checkpoint modules they hold (for quant configs' ignore/target lists)
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    embedding_modules = {"embed_tokens": "input_embeddings", "lm_head": "output_embeddings"}
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
+        self.config = vllm_config.model_config.hf_config
         self.model = self.model_cls(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         arch = self.model.arch
         self.lm_head = ParallelLMHead(
