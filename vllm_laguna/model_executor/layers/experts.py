@@ -99,10 +99,6 @@ class ExpertPlacement:
         ``MixtureOfExperts.set_eplb_state``); ``None`` without EPLB."""
         return EplbLayerState() if self.enable_eplb else None
 
-    def physical_to_logical(self) -> list[int]:
-        """vLLM's initial arrangement: experts ``0..E-1``, then replicas of ``0, 1, ...``."""
-        return list(EplbState.build_initial_global_physical_to_logical_map(self.num_logical, self.num_redundant))
-
 
 def fused_experts(placement: ExpertPlacement, prefix: str, **factory_kwargs) -> MoERunner:
     """``FusedMoEFactory(**factory_kwargs)`` with ``placement``'s expert counts, its router
@@ -129,17 +125,18 @@ FUSED_EXPERT_TENSORS = (".experts.gate_up_proj", ".experts.down_proj")
 
 
 def replicate_fused_experts(
-    weights: Iterable[tuple[str, torch.Tensor]], placement: ExpertPlacement
+    weights: Iterable[tuple[str, torch.Tensor]], num_logical: int, num_redundant: int
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Give fused expert tensors ``[E, ...]`` one row per physical expert ``[E + R, ...]``
-    (``placement.physical_to_logical()``), so vLLM's fused loader, which loads row ``p`` into
-    physical expert ``p``, also fills the redundant replicas. Other tensors pass unchanged;
-    per-expert tensors need nothing (vLLM's per-expert mapping already covers replicas)."""
-    if placement.num_redundant == 0:
+    """Give fused expert tensors ``[E, ...]`` one row per physical expert ``[E + R, ...]`` in
+    vLLM's initial arrangement (experts ``0..E-1``, then replicas of ``0, 1, ...``), so vLLM's
+    fused loader, which loads row ``p`` into physical expert ``p``, also fills the redundant
+    replicas. Other tensors pass unchanged; per-expert tensors need nothing (vLLM's
+    per-expert mapping already loads each into every replica of its expert)."""
+    if num_redundant == 0:
         yield from weights
         return
-    rows = torch.tensor(placement.physical_to_logical())
+    rows = torch.tensor(EplbState.build_initial_global_physical_to_logical_map(num_logical, num_redundant))
     for name, tensor in weights:
-        if any(marker in name for marker in FUSED_EXPERT_TENSORS) and tensor.shape[0] == placement.num_logical:
+        if any(marker in name for marker in FUSED_EXPERT_TENSORS) and tensor.shape[0] == num_logical:
             tensor = tensor.index_select(0, rows.to(tensor.device))
         yield name, tensor

@@ -80,3 +80,10 @@ class Llama4TopKRouter(BaseRouter):
     def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
         weights, ids = kernels.llama4_topk(router_logits, self.choices_per_token)
         return weights.reshape(-1, 1), ids.reshape(-1, 1)
+
+    def _apply_eplb_mapping(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """EPLB maps and counts ids as ``[tokens, k]`` (it records only the first
+        ``num_unpadded_tokens * k`` entries and picks replicas per token); the rows here are
+        (token, choice) pairs, so map them in that shape."""
+        mapped = super()._apply_eplb_mapping(topk_ids.reshape(-1, self.choices_per_token))
+        return mapped.reshape(-1, 1)

@@ -36,8 +36,8 @@ from vllm_laguna.model_executor.layers.routing import SigmoidTopKRouter
 from vllm_laguna.model_executor.layers.swiglu import SwiGLU
 from vllm_laguna.model_executor.models.causal_lm import (
     QKV_SHARDS,
-    CausalLM,
     DecoderModel,
+    MoECausalLM,
     PreNormDecoderLayer,
     swiglu_shards,
 )
@@ -137,7 +137,7 @@ class LagunaModel(DecoderModel):
         )
 
 
-class LagunaForCausalLM(CausalLM):
+class LagunaForCausalLM(MoECausalLM):
     """vLLM entry point for ``LagunaForCausalLM`` checkpoints (Hub or transformers layout)."""
 
     model_cls = LagunaModel
@@ -155,7 +155,7 @@ class LagunaForCausalLM(CausalLM):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         audit = CheckpointAudit(laguna_checkpoint_keys(self.model.arch))
         loader = AutoWeightsLoader(self)
-        loaded = loader.load_weights(audit.watch(weights), mapper=self.hf_to_vllm_mapper)
+        loaded = loader.load_weights(self.with_expert_replicas(audit.watch(weights)), mapper=self.hf_to_vllm_mapper)
         audit.raise_if_incomplete()
         return loaded
 
