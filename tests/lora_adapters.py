@@ -38,8 +38,9 @@ def build_peft_adapter(
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules)))
     gen = torch.Generator().manual_seed(seed)
-    lora_b = {name: p for name, p in peft_model.named_parameters() if "lora_B" in name}
-    unmatched = [t for t in target_modules if not any(f".{t}.lora_B." in name for name in lora_b)]
+    # lora_B of linear layers, lora_embedding_B of embeddings
+    lora_b = {name: p for name, p in peft_model.named_parameters() if "lora_B" in name or "lora_embedding_B" in name}
+    unmatched = [t for t in target_modules if not any(f".{t}.lora_" in name for name in lora_b)]
     assert not unmatched, f"peft found no module named {unmatched}"
     with torch.no_grad():
         for p in lora_b.values():

@@ -4,7 +4,7 @@ vLLM 0.32 refuses ``enable_eplb`` off CUDA/ROCm/XPU (``ParallelConfig``: "Expert
 load balancing is only supported on CUDA devices or ROCm devices or XPU devices now"), and
 its CPU build maps no expert ids (``base_router.eplb_map_to_physical_and_record`` is the
 identity there; on CUDA it is a Triton kernel). So no engine runs EPLB here. These tests
-build the models the way vLLM's loader does, with ``enable_eplb`` and
+build the models the way vLLM's loader does (``loaded_models``), with ``enable_eplb`` and
 ``num_redundant_experts`` set after the config's validation, and drive the MoE layers as
 vLLM's EPLB does: ``set_eplb_state`` with vLLM's initial maps, the mapping done by
 :func:`eplb_map_reference` (the CUDA kernel's rule in torch), and a rebalance that moves
@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loaded_models import load_model, process_group  # noqa: F401 (fixture)
 from vllm_laguna.tiny.laguna import build_laguna
 from vllm_laguna.tiny.llama4 import build_llama4
 
@@ -50,41 +51,6 @@ def eplb_map_reference(
         counted = physical if num_unpadded_tokens is None else physical[: int(num_unpadded_tokens)]
         expert_load_view.index_add_(0, counted.flatten(), torch.ones_like(counted.flatten(), dtype=expert_load_view.dtype))
     return physical.to(topk_ids.dtype)
-
-
-@pytest.fixture(scope="module")
-def process_group(tmp_path_factory):
-    """One single-rank gloo group for the module's models (what vLLM's worker sets up)."""
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import cleanup_dist_env_and_memory, init_distributed_environment, initialize_model_parallel
-
-    import vllm_laguna
-
-    vllm_laguna.register()
-    with set_current_vllm_config(VllmConfig()):
-        init_distributed_environment(1, 0, f"file://{tmp_path_factory.mktemp('dist') / 'init'}", 0, "gloo")
-        initialize_model_parallel(1, 1)
-    with pytest.MonkeyPatch.context() as patch:
-        # as vLLM's CPU model runner does: the loader empties the accelerator cache
-        patch.setattr(torch.accelerator, "empty_cache", lambda: None)
-        yield
-    cleanup_dist_env_and_memory()
-
-
-def load_model(ckpt, num_redundant: int | None):
-    """The model vLLM's default loader builds for ``ckpt`` (fp32), with EPLB and
-    ``num_redundant`` replicas per layer when ``num_redundant`` is not None."""
-    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
-    from vllm.model_executor.model_loader import get_model
-
-    vllm_config = VllmConfig(model_config=ModelConfig(model=str(ckpt), dtype="float32", max_model_len=256))
-    if num_redundant is not None:
-        parallel = vllm_config.parallel_config
-        parallel.enable_eplb = True
-        parallel.eplb_config.num_redundant_experts = num_redundant
-    with set_current_vllm_config(vllm_config):
-        model = get_model(vllm_config=vllm_config)
-    return model, vllm_config
 
 
 def eplb_maps(physical_to_logical: list[int], num_logical: int, num_layers: int):
@@ -127,8 +93,8 @@ def models(request, process_group, tmp_path_factory):
     """The checkpoint loaded without EPLB, and with EPLB and NUM_REDUNDANT replicas."""
     build, options, ffn_name, num_moe_layers = CHECKPOINTS[request.param]
     ckpt = build(tmp_path_factory.mktemp(request.param) / "ckpt", **options)
-    plain, plain_config = load_model(ckpt, None)
-    eplb, eplb_config = load_model(ckpt, NUM_REDUNDANT)
+    plain, plain_config = load_model(ckpt)
+    eplb, eplb_config = load_model(ckpt, num_redundant_experts=NUM_REDUNDANT)
     x = torch.randn(NUM_TOKENS, plain.model.arch.hidden_size, generator=torch.Generator().manual_seed(0))
     return dict(plain=(plain, plain_config), eplb=(eplb, eplb_config), ffn_name=ffn_name, num_moe_layers=num_moe_layers, x=x)
 

@@ -14,15 +14,19 @@ import torch
 from torch import nn
 
 from vllm.config import VllmConfig
+from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe import MoERunner
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.interfaces import MixtureOfExperts, SupportsLoRA, SupportsQuant
 from vllm.model_executor.models.utils import maybe_prefix
+from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 from vllm_laguna.model_executor.layers.experts import replicate_fused_experts
+
+logger = init_logger(__name__)
 
 
 #: checkpoint q/k/v projections -> shards of vLLM's fused ``qkv_proj`` (a ``WeightsMapper``'s
@@ -122,6 +126,12 @@ class CausalLM(nn.Module, SupportsLoRA, SupportsQuant):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
+        if vllm_config.lora_config is not None and current_platform.is_cpu():
+            logger.warning_once(
+                "vLLM's CPU LoRA ops apply the adapter in the last LoRA slot to requests without "
+                "an adapter that share a batch with adapter requests (vLLM PR #48421): keep "
+                "max_loras above the number of adapters served so that slot stays empty."
+            )
         self.config = vllm_config.model_config.hf_config
         self.model = self.model_cls(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         arch = self.model.arch
