@@ -27,13 +27,13 @@ NUM_EXPERTS = 8
 
 #: name -> (builder, options, feed-forward attribute, number of MoE layers)
 CHECKPOINTS = {
-    # Hub layout: per-expert tensors; layer 0 dense
+    # Hub layout: per-expert tensors (vLLM's per-expert mapping, also Llama 4's per-expert
+    # layout); layer 0 dense
     "laguna-hub": (build_laguna, dict(), "mlp", 3),
     # transformers' layout: fused experts.gate_up_proj / experts.down_proj
     "laguna-fused": (build_laguna, dict(layout="transformers"), "mlp", 3),
     # fused, transposed; top-2 (one row per token and choice); MoE on layers 1 and 3
     "llama4-top2": (build_llama4, dict(top_k=2, use_qk_norm=False, seed=1), "feed_forward", 2),
-    "llama4-per-expert": (build_llama4, dict(expert_layout="per-expert"), "feed_forward", 2),
 }
 
 

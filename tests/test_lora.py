@@ -35,8 +35,9 @@ from vllm_laguna.tiny.laguna import build_laguna
 from vllm_laguna.tiny.lfm2 import build_lfm2
 from vllm_laguna.tiny.llama4 import build_llama4
 
-# longer than Laguna's sliding window (16) and Llama 4's attention chunk (128)
-PROMPTS = prompts_for(512, [5, 40, 150], seed=3)
+#: per model: a short prompt and one longer than Laguna's sliding window (16) or Llama 4's
+#: attention chunk (128)
+PROMPT_LENGTHS = {"laguna": [5, 40], "lfm2": [5, 40], "llama4": [5, 150]}
 RANK = 8
 
 LAGUNA_TARGETS = [
@@ -66,13 +67,14 @@ def run(request, tmp_path_factory):
     from vllm.lora.request import LoRARequest
 
     build, peft_targets, vllm_targets = CASES[request.param]
+    prompts = prompts_for(512, PROMPT_LENGTHS[request.param], seed=3)
     root = tmp_path_factory.mktemp(request.param)
     ckpt = build(root / "ckpt")
     adapter = root / "adapter"
     peft_model = build_peft_adapter(ckpt, adapter, peft_targets, rank=RANK)
-    hf_lora = hf_model_greedy(peft_model, PROMPTS)
+    hf_lora = hf_model_greedy(peft_model, prompts)
     with peft_model.disable_adapter():
-        hf_base = hf_model_greedy(peft_model, PROMPTS)
+        hf_base = hf_model_greedy(peft_model, prompts)
     del peft_model
 
     llm = LLM(
@@ -81,12 +83,13 @@ def run(request, tmp_path_factory):
     try:
         params = SamplingParams(temperature=0.0, max_tokens=32, logprobs=5, ignore_eos=True)
         lora = LoRARequest("adapter", 1, str(adapter))
-        prompts = [{"prompt_token_ids": p} for p in PROMPTS] * 2
-        outputs = llm.generate(prompts, params, lora_request=[None] * len(PROMPTS) + [lora] * len(PROMPTS), use_tqdm=False)
+        requests = [{"prompt_token_ids": p} for p in prompts] * 2
+        lora_requests = [None] * len(prompts) + [lora] * len(prompts)
+        outputs = llm.generate(requests, params, lora_request=lora_requests, use_tqdm=False)
     finally:
         shutdown(llm)
     greedy = [Greedy.from_output(o) for o in outputs]
-    return dict(hf_base=hf_base, hf_lora=hf_lora, vllm_base=greedy[: len(PROMPTS)], vllm_lora=greedy[len(PROMPTS) :])
+    return dict(hf_base=hf_base, hf_lora=hf_lora, vllm_base=greedy[: len(prompts)], vllm_lora=greedy[len(prompts) :])
 
 
 def test_adapter_changes_the_reference(run):
