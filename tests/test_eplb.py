@@ -150,7 +150,7 @@ def cuda_eplb_mapping(monkeypatch):
     monkeypatch.setattr(base_router, "eplb_map_to_physical_and_record", eplb_map_reference)
 
 
-def test_redundant_experts_give_the_same_output(models, cuda_eplb_mapping):
+def test_redundant_experts_give_the_same_output(models, cuda_eplb_mapping, record_property):
     """With vLLM's initial maps, tokens reach replicas (their load is recorded) and every MoE
     block's output equals the model without EPLB."""
     plain, plain_config = models["plain"]
@@ -160,12 +160,13 @@ def test_redundant_experts_give_the_same_output(models, cuda_eplb_mapping):
     got = moe_outputs(eplb, eplb_config, models["ffn_name"], models["x"])
     for w, g in zip(want, got, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+    record_property("max_abs_diff", max((g - w).abs().max().item() for w, g in zip(want, got)))
     rows = NUM_TOKENS * plain.model.arch.top_k
     assert torch.equal(load.sum(dim=1), torch.full((eplb.num_moe_layers,), rows, dtype=load.dtype))
     assert (load[:, NUM_EXPERTS:].sum(dim=1) > 0).all(), "a layer sent no token to a redundant replica"
 
 
-def test_rebalanced_experts_give_the_same_output(models, cuda_eplb_mapping):
+def test_rebalanced_experts_give_the_same_output(models, cuda_eplb_mapping, record_property):
     """A rebalance moves expert weights between physical slots (rows of
     ``model.expert_weights``, as vLLM's exchange does) and updates the maps in place; the
     routers then send every token to a slot holding its expert, and the output is unchanged.
@@ -190,6 +191,7 @@ def test_rebalanced_experts_give_the_same_output(models, cuda_eplb_mapping):
         got = moe_outputs(eplb, eplb_config, models["ffn_name"], models["x"])
         for w, g in zip(want, got, strict=True):
             torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+        record_property("max_abs_diff", max((g - w).abs().max().item() for w, g in zip(want, got)))
     finally:  # the module's other tests use the initial arrangement
         for weights, copies in zip(eplb.expert_weights, saved):
             for w, c in zip(weights, copies):

@@ -184,3 +184,12 @@ def test_expert_lora_names_for_cuda(process_group, moe_checkpoint, tmp_path):
     # the LoRA manager packs "{parent of the MoE layer}.{packed name}" into the layer's wrapper
     parent = layer.rpartition(".")[0]
     assert set(adapter.loras) == {f"{parent}.{name}" for name in packed["experts"]}
+
+
+def test_lfm2_w2_as_lora_target_is_named_down_proj(process_group, tmp_path):
+    """vLLM matches lora_target_modules against module names; ours for w2 is down_proj, and a
+    target matching nothing would leave w2 without its adapter silently."""
+    from vllm.config import LoRAConfig
+
+    with pytest.raises(ValueError, match=r"name down_proj instead of w2"):
+        load_model(build_lfm2(tmp_path / "ckpt"), lora_config=LoRAConfig(max_lora_rank=RANK, target_modules=["w1", "w2"]))

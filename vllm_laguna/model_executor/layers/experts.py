@@ -90,10 +90,6 @@ class ExpertPlacement:
         redundant = parallel.eplb_config.num_redundant_experts if parallel.enable_eplb else 0
         return cls(parallel.enable_eplb, num_experts, redundant)
 
-    @property
-    def num_physical(self) -> int:
-        return self.num_logical + self.num_redundant
-
     def router_eplb_state(self) -> EplbLayerState | None:
         """The state a router maps logical to physical ids with (filled by
         ``MixtureOfExperts.set_eplb_state``); ``None`` without EPLB."""
