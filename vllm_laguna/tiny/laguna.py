@@ -72,6 +72,13 @@ class LagunaTiny:
     gating: Any = "per-head"
     #: the gate the weights have when gating is True: "per-head" or "per-element"
     gate_weights: str = "per-head"
+    #: per-layer gate kinds written as config.json's `gating_types` (they decide the
+    #: weights' shapes); None writes no such key
+    gating_types: list[str] | None = None
+    #: `swa_attention_sink_enabled`: sliding layers get a per-head `self_attn.sink`
+    swa_attention_sink: bool = False
+    #: std of the sink logits (around 0: each sink weighs about one key's worth)
+    sink_std: float = 1.0
     vocab_size: int = 512
     weight_std: float = 0.08
     dtype: str = "float32"
@@ -84,8 +91,17 @@ class LagunaTiny:
 
     @classmethod
     def preset(cls, name: str) -> LagunaTiny:
-        """``default``: the tiny test model; ``xs2-scaled``: Laguna-XS.2's structure at
-        1/2 width and 1/5 depth (benchmarks)."""
+        """``default``: the tiny test model; ``xs2-scaled``: the benchmark model of
+        ``benchmarks/cpu.py``, Laguna-XS.2's structure at 1/4 width and 1/5 depth.
+
+        ``xs2-scaled`` keeps XS.2's head_dim (128), layer pattern (full, sliding x3), window
+        (512), layer-0 dense MLP at 4x hidden, expert and shared-expert width at hidden/4,
+        top-8 routing, KV width hidden/2 and the (full : sliding) query-width ordering; it
+        scales hidden 2048 -> 512, 40 -> 8 layers, 48/64 -> 8/16 query heads (GQA 4/8),
+        256 -> 64 experts and the vocabulary 100352 -> 32768. Attention and the active
+        experts stay about equal in weight per layer, as in XS.2. 143M parameters; a batch-1
+        decode step reads ~99 MB of bf16 weights (34 MB of them the LM head).
+        """
         if name == "default":
             return cls()
         if name == "xs2-scaled":
@@ -94,20 +110,20 @@ class LagunaTiny:
             rope["full_attention"]["original_max_position_embeddings"] = 4096
             return cls(
                 num_layers=8,
-                hidden_size=1024,
+                hidden_size=512,
                 head_dim=128,
-                num_kv_heads=8,
-                heads_per_layer=[24 if t == "full_attention" else 32 for t in pattern * 2],
+                num_kv_heads=2,
+                heads_per_layer=[8 if t == "full_attention" else 16 for t in pattern * 2],
                 layer_types=pattern * 2,
                 sliding_window=512,
                 rope_parameters=rope,
                 max_position_embeddings=131072,
                 mlp_layer_types=["dense"] + ["sparse"] * 7,
-                intermediate_size=4096,
-                num_experts=256,
+                intermediate_size=2048,
+                num_experts=64,
                 top_k=8,
-                moe_intermediate_size=256,
-                shared_expert_intermediate_size=256,
+                moe_intermediate_size=128,
+                shared_expert_intermediate_size=128,
                 vocab_size=32768,
                 dtype="bfloat16",
                 weight_std=0.02,
@@ -140,6 +156,7 @@ class LagunaTiny:
             "moe_router_logit_softcapping": self.router_softcap,
             "moe_apply_router_weight_on_input": False,
             "gating": self.gating,
+            "swa_attention_sink_enabled": self.swa_attention_sink,
             "rms_norm_eps": 1e-6,
             "attention_bias": self.attention_bias,
             "tie_word_embeddings": self.tie_word_embeddings,
@@ -148,14 +165,21 @@ class LagunaTiny:
             "pad_token_id": 0,
             "dtype": self.dtype,
         }
+        if self.gating_types is not None:
+            cfg["gating_types"] = list(self.gating_types)
         cfg.update(self.config_overrides)
         return cfg
+
+    def per_element_gate(self, layer: int) -> bool:
+        """Whether the weights give ``layer`` a per-element gate (else per-head)."""
+        if self.gating_types is not None:
+            return self.gating_types[layer] == "per-element"
+        return self.gating == "per-element" or (self.gating is True and self.gate_weights == "per-element")
 
     def hub_state_dict(self) -> dict[str, torch.Tensor]:
         """Random weights named as in poolside's Hub checkpoints."""
         w = RandomWeights(self.seed, self.weight_std)
         H, D = self.hidden_size, self.head_dim
-        per_element = self.gating == "per-element" or (self.gating is True and self.gate_weights == "per-element")
         sd = {"model.embed_tokens.weight": w.normal(self.vocab_size, H), "model.norm.weight": w.norm(H)}
         if not self.tie_word_embeddings:
             sd["lm_head.weight"] = w.normal(self.vocab_size, H)
@@ -174,7 +198,9 @@ class LagunaTiny:
                 for n, width in (("q", heads * D), ("k", self.num_kv_heads * D), ("v", self.num_kv_heads * D), ("o", H)):
                     sd[f"{p}.self_attn.{n}_proj.bias"] = w.normal(width)
             if self.gating is not False:
-                sd[f"{p}.self_attn.g_proj.weight"] = w.normal(heads * D if per_element else heads, H)
+                sd[f"{p}.self_attn.g_proj.weight"] = w.normal(heads * D if self.per_element_gate(i) else heads, H)
+            if self.swa_attention_sink and self.layer_types[i] == "sliding_attention":
+                sd[f"{p}.self_attn.sink"] = w.normal(heads, std=self.sink_std)
             if self.mlp_layer_types[i] == "dense":
                 sd.update(_swiglu(w, f"{p}.mlp", H, self.intermediate_size))
                 continue
@@ -218,7 +244,11 @@ def build_laguna(out_dir: str | Path, spec: LagunaTiny | None = None, **options:
 def _save_via_transformers(out: Path, spec: LagunaTiny) -> None:
     from transformers import AutoModelForCausalLM
 
+    hub = spec.hub_state_dict()
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp), spec.config(), spec.hub_state_dict(), generation={"eos_token_id": [2, 24]})
+        save_checkpoint(Path(tmp), spec.config(), hub, generation={"eos_token_id": [2, 24]})
         model = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, spec.dtype))
-    save_checkpoint(out, spec.config(), model.state_dict(), generation={"eos_token_id": [2, 24]})
+    state = model.state_dict()
+    # transformers has no attention sink: the sinks keep their (only) name
+    state.update({name: tensor for name, tensor in hub.items() if name.endswith(".self_attn.sink")})
+    save_checkpoint(out, spec.config(), state, generation={"eos_token_id": [2, 24]})

@@ -24,6 +24,7 @@ from vllm.model_executor.models.utils import maybe_prefix
 from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
+from vllm_laguna.model_executor.layers.cpu_gemm import use_fp32_onednn_for_bf16
 from vllm_laguna.model_executor.layers.experts import replicate_fused_experts
 
 logger = init_logger(__name__)
@@ -159,6 +160,10 @@ class CausalLM(nn.Module, SupportsLoRA, SupportsQuant):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)
+
+    def process_weights_after_loading(self) -> None:
+        """vLLM's model-level hook, after every layer's own weight processing."""
+        use_fp32_onednn_for_bf16(self)
 
 
 class MoECausalLM(CausalLM, MixtureOfExperts):

@@ -1,0 +1,445 @@
+"""CPU speed of this plugin on vLLM's CPU backend against transformers, vLLM in-tree and llama.cpp.
+
+    python benchmarks/cpu.py laguna     # plugin vs transformers `generate`, batch 1, 8, 32, 128+128 tokens
+    python benchmarks/cpu.py lfm2       # plugin vs vLLM in-tree (VLLM_PLUGINS=""), batch 1 and 32
+    python benchmarks/cpu.py llama4     # plugin vs vLLM in-tree
+    python benchmarks/cpu.py laguna --batches 32 --output-len 64 \\
+        --llama-cpp /tmp/llama.cpp/build/bin --gguf /tmp/xs2s-bf16.gguf    # + llama.cpp column
+
+Each side runs in its own process (vLLM in-tree needs ``VLLM_PLUGINS=""`` at start-up), the
+sides interleaved A B A B for ``--runs`` rounds; each process loads the model once, warms up
+and runs every batch size. Per (side, batch): decode tok/s (``B * (out - 1) / (end to end -
+last first token)``), TTFT (median over the batch's requests), end-to-end output tok/s and the
+process tree's peak RSS during that batch; medians over the runs and the ratios to the plugin
+are printed. Prompts come from vLLM's ``RandomDataset`` (token ids, exactly ``--input-len``
+each, the same for every side); sampling is greedy with EOS ignored and no detokenisation.
+All cores by default: vLLM's workers are bound to them (``VLLM_CPU_OMP_THREADS_BIND``),
+transformers gets ``torch.set_num_threads``, llama.cpp ``-t``.
+
+Tokens are checked in the same invocation, so a fast wrong model cannot win:
+
+* **fp32 exact**: each vLLM side, in fp32, decodes the first ``--check-requests`` prompts
+  for ``--check-tokens`` tokens; the plugin's tokens must equal transformers' fp32 greedy
+  tokens (in-tree models are reported, not required: vLLM's LFM2 is known to differ).
+* **bf16 agreement**: the benchmarked (bf16) tokens of those prompts are scored by
+  transformers in fp32 along the side's own sequence: the share of steps whose token is
+  the reference's argmax and the share inside its top 5. The transformers bf16 side, when
+  it runs, is the calibration (bf16 rounding alone). The plugin must stay within 5 points
+  of it (or above 90% top-5 without it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+SIDES_BY_MODEL = {"laguna": ("plugin", "transformers"), "lfm2": ("plugin", "in-tree"), "llama4": ("plugin", "in-tree")}
+#: (tiny builder, preset, overrides): the benchmark checkpoints (see vllm_laguna/tiny)
+CHECKPOINTS = {
+    "laguna": ("laguna", "xs2-scaled", {}),
+    # vLLM's in-tree LFM2 reads conv_dim/block_dim, which only the older Hub config form has
+    "lfm2": ("lfm2", "lfm2-350m-scaled", {"config_form": "hub"}),
+    "llama4": ("llama4", "scout-scaled", {}),
+}
+VLLM_SIDES = ("plugin", "in-tree")
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+class PeakRss:
+    """Peak resident memory of this process and its children (vLLM's engine and workers),
+    sampled every 20 ms while inside ``with``."""
+
+    def __init__(self, pid: int | None = None):
+        import psutil
+
+        self.root = psutil.Process(pid or os.getpid())
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _total(self) -> int:
+        total = 0
+        for proc in [self.root, *self.root.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except Exception:  # a child that just exited
+                pass
+        return total
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._total())
+
+    def __enter__(self) -> PeakRss:
+        self.peak = self._total()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _batch_metrics(batch: int, out_len: int, wall: float, ttfts: list[float], rss: int) -> dict:
+    return {
+        "decode_tok_s": batch * (out_len - 1) / max(wall - max(ttfts), 1e-9),
+        "ttft_ms": statistics.median(ttfts) * 1000,
+        "e2e_tok_s": batch * out_len / wall,
+        "peak_rss_gib": rss / 2**30,
+    }
+
+
+def run_vllm(args, prompts: list[list[int]]) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    dtype = args.worker_dtype
+    llm = LLM(
+        model=args.model,
+        dtype=dtype,
+        seed=0,
+        max_model_len=args.input_len + max(args.output_len, args.check_tokens) + 16,
+        enforce_eager=args.enforce_eager,
+        disable_log_stats=False,
+        **json.loads(args.vllm_args),
+    )
+    inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    if dtype == "float32":  # the exactness check: first prompts, few tokens
+        params = SamplingParams(temperature=0, max_tokens=args.check_tokens, ignore_eos=True, detokenize=False)
+        outs = llm.generate(inputs[: args.check_requests], params, use_tqdm=False)
+        return {"check_tokens": [list(o.outputs[0].token_ids) for o in outs]}
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True, detokenize=False)
+    llm.generate(inputs[: max(args.batches)], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, detokenize=False), use_tqdm=False)
+    results = {}
+    for batch in args.batches:
+        with PeakRss() as rss:
+            start = time.perf_counter()
+            outs = llm.generate(inputs[:batch], params, use_tqdm=False)
+            wall = time.perf_counter() - start
+        ttfts = [o.metrics.first_token_latency for o in outs]
+        results[str(batch)] = _batch_metrics(batch, args.output_len, wall, ttfts, rss.peak) | {
+            "tokens": [list(o.outputs[0].token_ids) for o in outs[: args.check_requests]]
+        }
+    return results
+
+
+def run_transformers(args, prompts: list[list[int]]) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.worker_dtype)).eval()
+    model.generation_config.eos_token_id = None  # vLLM's ignore_eos, without masking EOS
+
+    class StepClock(LogitsProcessor):
+        """Called once per generated token, right after that step's forward."""
+
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    def generate(rows: list[list[int]], new_tokens: int, clock: StepClock | None = None):
+        ids = torch.tensor(rows)
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                logits_processor=LogitsProcessorList([clock] if clock else []),
+            )
+        return out[:, ids.shape[1] :].tolist()
+
+    generate(prompts[: max(args.batches)], 4)
+    results = {}
+    for batch in args.batches:
+        clock = StepClock()
+        with PeakRss() as rss:
+            start = time.perf_counter()
+            tokens = generate(prompts[:batch], args.output_len, clock)
+            wall = time.perf_counter() - start
+        ttft = clock.times[0] - start
+        results[str(batch)] = _batch_metrics(batch, args.output_len, wall, [ttft], rss.peak) | {
+            "tokens": tokens[: args.check_requests]
+        }
+    return results
+
+
+def worker_main(args) -> None:
+    prompts = json.loads(Path(args.prompts).read_text())
+    runner = run_transformers if args.worker == "transformers" else run_vllm
+    Path(args.worker_out).write_text(json.dumps(runner(args, prompts)))
+
+
+# ----------------------------------------------------------------------------- llama.cpp
+
+
+def run_llama_cpp(args) -> dict:
+    """``llama-batched-bench`` over the same shapes: TTFT = prompt processing of the batch,
+    decode = its S_TG, end to end = B * out / T. Its tokens are not checked (the tool does
+    not print them)."""
+    cmd = [
+        str(Path(args.llama_cpp) / "llama-batched-bench"), "-m", args.gguf, "-t", str(args.threads),
+        "-c", str(max(args.batches) * (args.input_len + args.output_len) + 64), "-b", "2048", "-ub", "512",
+        "-npp", str(args.input_len), "-ntg", str(args.output_len), "-npl", ",".join(map(str, args.batches)),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with PeakRss(proc.pid) as rss:
+        text, _ = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{text[-2000:]}")
+    results = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and cells[2].isdigit() and int(cells[2]) in args.batches:
+            batch, t_pp, s_tg, t_all = int(cells[2]), float(cells[4]), float(cells[7]), float(cells[8])
+            results[str(batch)] = {
+                "decode_tok_s": s_tg,
+                "ttft_ms": t_pp * 1000,
+                "e2e_tok_s": batch * args.output_len / t_all,
+                "peak_rss_gib": rss.peak / 2**30,
+            }
+    return results
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+def build_checkpoint(args) -> str:
+    if args.model_dir:
+        return args.model_dir
+    builder, preset, overrides = CHECKPOINTS[args.model]
+    out = Path(args.cache_dir) / f"{args.model}-{preset}"
+    if not (out / "config.json").exists():
+        import importlib
+
+        from vllm_laguna.tiny.__main__ import BUILDERS
+
+        module_name, spec_name, builder_name = BUILDERS[builder]
+        module = importlib.import_module(module_name)
+        getattr(module, builder_name)(out, getattr(module, spec_name).preset(preset), **overrides)
+    return str(out)
+
+
+def make_prompts(model_dir: str, count: int, input_len: int) -> list[list[int]]:
+    """vLLM's RandomDataset prompts as token ids, each exactly ``input_len`` long."""
+    from transformers import AutoTokenizer
+    from vllm.benchmarks.datasets import RandomDataset
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    requests = RandomDataset(random_seed=0).sample(tokenizer, num_requests=count, input_len=input_len, output_len=1)
+    prompts = []
+    for request in requests:
+        ids = tokenizer(request.prompt, add_special_tokens=False).input_ids or [tokenizer.pad_token_id or 0]
+        prompts.append((ids * (input_len // len(ids) + 1))[:input_len])
+    return prompts
+
+
+def side_env(side: str, threads: int) -> dict:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}" if threads > 1 else "0")
+    if side == "in-tree":
+        env["VLLM_PLUGINS"] = ""
+    return env
+
+
+def spawn(args, side: str, dtype: str, prompts_file: Path, out_file: Path) -> dict:
+    cmd = [
+        sys.executable, __file__, args.model, "--worker", "transformers" if side == "transformers" else "vllm",
+        "--worker-dtype", dtype, "--model-dir", args.checkpoint, "--prompts", str(prompts_file),
+        "--worker-out", str(out_file), "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+        "--batches", *map(str, args.batches), "--threads", str(args.threads),
+        "--check-requests", str(args.check_requests), "--check-tokens", str(args.check_tokens),
+        "--vllm-args", args.vllm_args,
+    ] + (["--enforce-eager"] if args.enforce_eager else [])  # fmt: skip
+    log = out_file.with_suffix(".log")
+    with open(log, "w") as sink:
+        rc = subprocess.call(cmd, env=side_env(side, args.threads), stdout=sink, stderr=subprocess.STDOUT)
+    if rc:
+        raise RuntimeError(f"{side} ({dtype}) failed with exit code {rc}; log: {log}")
+    return json.loads(out_file.read_text())
+
+
+def reference_check(args, prompts: list[list[int]], runs: dict[str, list[dict]], exact: dict[str, list]) -> dict:
+    """transformers fp32: greedy tokens for the exactness check, and teacher-forced scores of
+    every side's benchmarked tokens (argmax / top-5 agreement)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    n = args.check_requests
+    with torch.no_grad():
+        ids = torch.tensor(prompts[:n])
+        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.check_tokens,
+                             do_sample=False, pad_token_id=0)[:, ids.shape[1]:].tolist()  # fmt: skip
+    report = {}
+    for side, side_runs in runs.items():
+        first, top5, total, stable = 0, 0, 0, True
+        for batch in map(str, args.batches):
+            seqs = side_runs[0][batch]["tokens"]
+            stable &= all(r[batch]["tokens"] == seqs for r in side_runs)
+            for prompt, generated in zip(prompts, seqs):
+                with torch.no_grad():
+                    logits = model(torch.tensor([prompt + generated])).logits[0, len(prompt) - 1 : -1]
+                chosen = torch.tensor(generated)
+                first += int((logits.argmax(-1) == chosen).sum())
+                top5 += int((logits.topk(5, dim=-1).indices == chosen[:, None]).any(-1).sum())
+                total += len(generated)
+        report[side] = {"argmax_pct": 100 * first / total, "top5_pct": 100 * top5 / total, "same_tokens_every_run": stable}
+        if side in exact:
+            same = sum(a == b for a, b in zip(exact[side], ref))
+            report[side]["fp32_exact"] = f"{same}/{len(ref)}"
+    return report
+
+
+def environment(args) -> dict:
+    import torch
+    import transformers
+
+    from vllm_laguna.cpu_kind import detect
+
+    try:
+        from importlib.metadata import version
+
+        vllm_version = version("vllm-cpu")
+    except Exception:
+        vllm_version = "?"
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())  # fmt: skip
+    return {
+        "cpu": cpu, "cpu_kind": detect().name, "cores": os.cpu_count(), "threads": args.threads,
+        "vllm": vllm_version, "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }  # fmt: skip
+
+
+def print_table(args, medians: dict, report: dict, env: dict) -> None:
+    print(f"\n{args.model} ({args.checkpoint}), bf16, {args.input_len} prompt + {args.output_len} output tokens, "
+          f"median of {args.runs} interleaved runs")  # fmt: skip
+    print("env: " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    print("| side | batch | decode tok/s | TTFT ms | end-to-end out tok/s | peak RSS GiB | plugin decode x | plugin e2e x |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch in map(str, args.batches):
+        base = medians["plugin"].get(batch)
+        for side, per_batch in medians.items():
+            m = per_batch.get(batch)
+            if not m:
+                continue
+            ratio_dec = base["decode_tok_s"] / m["decode_tok_s"] if side != "plugin" else 1.0
+            ratio_e2e = base["e2e_tok_s"] / m["e2e_tok_s"] if side != "plugin" else 1.0
+            print(f"| {side} | {batch} | {m['decode_tok_s']:.1f} | {m['ttft_ms']:.0f} | {m['e2e_tok_s']:.1f} | "
+                  f"{m['peak_rss_gib']:.2f} | {ratio_dec:.2f} | {ratio_e2e:.2f} |")  # fmt: skip
+    print("\ntoken checks (bf16 tokens scored by transformers fp32, first "
+          f"{args.check_requests} requests of every batch):")  # fmt: skip
+    for side, r in report.items():
+        print(f"  {side}: argmax {r['argmax_pct']:.1f}%, top-5 {r['top5_pct']:.1f}%, "
+              f"same tokens every run: {r['same_tokens_every_run']}"
+              + (f", fp32 greedy == transformers: {r['fp32_exact']}" if "fp32_exact" in r else ""))  # fmt: skip
+
+
+def verdict(report: dict) -> list[str]:
+    plugin = report["plugin"]
+    problems = []
+    if plugin.get("fp32_exact") and plugin["fp32_exact"].split("/")[0] != plugin["fp32_exact"].split("/")[1]:
+        problems.append(f"plugin fp32 tokens differ from transformers ({plugin['fp32_exact']})")
+    floor = report["transformers"]["top5_pct"] - 5 if "transformers" in report else 90.0
+    if plugin["top5_pct"] < floor:
+        problems.append(f"plugin bf16 tokens in the reference top-5 {plugin['top5_pct']:.1f}% < {floor:.1f}%")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", choices=sorted(SIDES_BY_MODEL))
+    parser.add_argument("--model-dir", help="checkpoint to use (default: build the model's benchmark preset)")
+    parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/vllm-laguna-bench"))
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3, help="interleaved rounds (A B A B ...)")
+    parser.add_argument("--sides", nargs="+", help="default: plugin and the model's comparison side")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--enforce-eager", action="store_true", help="vLLM eager mode (default: vLLM's compiled mode)")
+    parser.add_argument("--vllm-args", default="{}", help="extra LLM(...) keyword arguments as JSON")
+    parser.add_argument("--check-requests", type=int, default=4)
+    parser.add_argument("--check-tokens", type=int, default=32)
+    parser.add_argument("--llama-cpp", help="directory holding llama-batched-bench (adds a llama.cpp column)")
+    parser.add_argument("--gguf", help="the checkpoint converted by llama.cpp's convert_hf_to_gguf.py")
+    parser.add_argument("--json", help="write all runs, medians and checks here")
+    # worker-only options
+    parser.add_argument("--worker", choices=("vllm", "transformers"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-dtype", default="bfloat16", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    parser.add_argument("--prompts", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        args.model = args.model_dir
+        worker_main(args)
+        return 0
+    if args.llama_cpp and not args.gguf:
+        parser.error("--llama-cpp needs --gguf")
+
+    args.checkpoint = build_checkpoint(args)
+    sides = args.sides or list(SIDES_BY_MODEL[args.model])
+    work = Path(args.cache_dir) / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    prompts = make_prompts(args.checkpoint, max(args.batches), args.input_len)
+    prompts_file = work / "prompts.json"
+    prompts_file.write_text(json.dumps(prompts))
+
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    llama_runs: list[dict] = []
+    for round_ in range(args.runs):
+        for side in sides:
+            print(f"run {round_ + 1}/{args.runs}: {side}", flush=True)
+            runs[side].append(spawn(args, side, "bfloat16", prompts_file, work / f"{side}-{round_}.json"))
+        if args.llama_cpp:
+            print(f"run {round_ + 1}/{args.runs}: llama.cpp", flush=True)
+            llama_runs.append(run_llama_cpp(args))
+    exact = {}
+    for side in sides:
+        if side in VLLM_SIDES:
+            print(f"fp32 check: {side}", flush=True)
+            exact[side] = spawn(args, side, "float32", prompts_file, work / f"{side}-fp32.json")["check_tokens"]
+    report = reference_check(args, prompts, runs, exact)
+
+    all_runs = dict(runs) | ({"llama.cpp": llama_runs} if llama_runs else {})
+    medians = {
+        side: {
+            batch: {k: statistics.median(r[batch][k] for r in side_runs) for k in ("decode_tok_s", "ttft_ms", "e2e_tok_s", "peak_rss_gib")}
+            for batch in map(str, args.batches)
+            if all(batch in r for r in side_runs)
+        }
+        for side, side_runs in all_runs.items()
+    }  # fmt: skip
+    env = environment(args)
+    print_table(args, medians, report, env)
+    problems = verdict(report)
+    for problem in problems:
+        print(f"WRONG: {problem}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"env": env, "runs": all_runs, "medians": medians, "checks": report}, indent=1))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

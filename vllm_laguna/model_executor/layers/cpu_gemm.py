@@ -1,0 +1,110 @@
+"""bf16 linears on CPUs without a bf16 matmul: fp32 oneDNN GEMMs over bf16 values.
+
+vLLM's CPU backend runs an unquantized linear through oneDNN (``onednn_mm``, or AMX's
+packed kernel for small weights). On an x86 CPU without AVX-512/AMX, oneDNN cannot build a
+bf16 matmul and vLLM falls back to ``torch.nn.functional.linear``, whose bf16 kernel on
+AVX2 converts element by element: measured on an AVX2 EPYC (1 thread, CPU time), 3-6x
+slower than oneDNN's fp32 GEMM on 8-32 rows for every projection of the benchmark
+checkpoint; on one row its GEMV is about as fast as the fp32 ones (it reads half the
+bytes), and oneDNN's fp32 GEMV is 1.5x slower on the LM head.
+
+:func:`use_fp32_onednn_for_bf16` therefore gives such layers vLLM's own fp32 oneDNN
+handler over an fp32 copy of the bf16 weight for two rows and more (activations widened to
+fp32, the result rounded to bf16 once) and keeps torch's bf16 GEMV for one row. bf16 x bf16
+products are exact in fp32 and torch's bf16 kernel also accumulates in fp32, so both are
+the same math up to summation order. fp32 models, quantized layers, narrow outputs (gates,
+routers) and CPUs whose oneDNN has bf16 are left alone. The price is memory: oneDNN's fp32
+copy beside the bf16 weight, 3x the bytes of these layers (the fused-MoE experts, the bulk
+of an MoE checkpoint, keep vLLM's bf16 kernel, which is fast on AVX2).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from vllm import _custom_ops as ops
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
+from vllm.platforms import current_platform
+
+#: Output widths below this keep torch's bf16 kernel: per-head gates and routers, where a
+#: oneDNN call costs more than the product (measured: 16 x 512 is 3-6x slower in oneDNN).
+MIN_OUTPUT_FEATURES = 128
+
+
+@functools.cache
+def onednn_has_bf16_matmul() -> bool:
+    """Whether vLLM's oneDNN handler accepts bf16 weights on this CPU (vLLM's own test)."""
+    if not ops._supports_onednn:
+        return False
+    try:
+        ops.create_onednn_mm(torch.zeros(32, 32, dtype=torch.bfloat16), 1)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _eligible(module: nn.Module) -> bool:
+    method = getattr(module, "quant_method", None)
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(module, (LinearBase, ParallelLMHead))
+        and type(method) in (UnquantizedLinearMethod, UnquantizedEmbeddingMethod)
+        and isinstance(weight, torch.Tensor)
+        and weight.dtype == torch.bfloat16
+        and weight.dim() == 2
+        and weight.shape[0] >= MIN_OUTPUT_FEATURES
+    )
+
+
+@torch.library.custom_op("vllm_laguna::bf16_linear_fp32_onednn", mutates_args=())
+def bf16_linear_fp32_onednn(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, handler: torch.Tensor, n: int
+) -> torch.Tensor:
+    """``x [M, K] bf16 @ weight [N, K]^T (+ bias)`` -> ``[M, N]`` bf16.
+
+    One row: torch's bf16 GEMV (``weight``), which reads half the bytes of an fp32 one.
+    More rows: vLLM's oneDNN fp32 GEMM (``handler``, an fp32 copy of ``weight`` packed by
+    oneDNN) over the widened activations. A library op so that the row-count branch runs
+    at call time under torch.compile instead of becoming a guard.
+    """
+    if x.shape[0] == 1:
+        return torch.nn.functional.linear(x, weight, bias)
+    out = torch.empty((x.shape[0], n), dtype=torch.float32, device=x.device)
+    torch.ops._C.onednn_mm(out, x.float(), None if bias is None else bias.float(), handler)
+    return out.to(x.dtype)
+
+
+@bf16_linear_fp32_onednn.register_fake
+def _(x, weight, bias, handler, n):
+    return x.new_empty((x.shape[0], n))
+
+
+def _fp32_onednn_linear(weight: torch.Tensor):
+    dnnl = ops.create_onednn_mm(weight.float().t(), 32)
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.ops.vllm_laguna.bf16_linear_fp32_onednn(flat, weight, bias, dnnl.handler_tensor, dnnl.n)
+        return out.view(*x.shape[:-1], dnnl.n)
+
+    # the handler releases oneDNN's copy when it is collected: keep it with the closure
+    linear.dnnl = dnnl
+    return linear
+
+
+def use_fp32_onednn_for_bf16(model: nn.Module) -> int:
+    """Re-dispatches the bf16 linears of ``model`` (run after vLLM's own dispatch, from the
+    model's ``process_weights_after_loading``); returns how many layers it changed."""
+    if not current_platform.is_cpu() or onednn_has_bf16_matmul() or not ops._supports_onednn:
+        return 0
+    changed = 0
+    for module in model.modules():
+        if not _eligible(module):
+            continue
+        module.cpu_linear = _fp32_onednn_linear(module.weight.data)
+        changed += 1
+    return changed
