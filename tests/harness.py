@@ -97,6 +97,17 @@ def hf_greedy(
     from transformers import AutoModelForCausalLM
 
     model = (model_cls or AutoModelForCausalLM).from_pretrained(str(model_dir), dtype=dtype)
+    results = hf_model_greedy(model, prompts, max_new_tokens, num_logprobs)
+    del model
+    gc.collect()
+    return results
+
+
+@torch.no_grad()
+def hf_model_greedy(
+    model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, num_logprobs: int = 5
+) -> list[Greedy]:
+    """:func:`hf_greedy` on a transformers (or peft) model object already loaded."""
     model.eval()
     results = []
     for prompt in prompts:
@@ -114,8 +125,6 @@ def hf_greedy(
                     input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True
                 )
         results.append(greedy)
-    del model
-    gc.collect()
     return results
 
 

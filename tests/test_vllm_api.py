@@ -77,7 +77,7 @@ PINS: dict[str, tuple[str, ...]] = {
     # config objects the models read
     "vllm.config:VllmConfig": (
         "model_config", "cache_config", "quant_config", "parallel_config", "compilation_config",
-        "num_speculative_tokens", "structured_outputs_config",
+        "num_speculative_tokens", "structured_outputs_config", "lora_config",
     ),
     "vllm.config:ModelConfig": ("dtype", "hf_config", "hf_text_config", "architecture"),
     "vllm.config:CacheConfig": (
@@ -86,7 +86,9 @@ PINS: dict[str, tuple[str, ...]] = {
     "vllm.config.structured_outputs:StructuredOutputsConfig": ("reasoning_parser",),
     "vllm.config:get_current_vllm_config": (),
     "vllm.config.compilation:CompilationConfig": ("custom_ops", "splitting_ops", "static_forward_context"),
-    "vllm.config.parallel:ParallelConfig": ("tensor_parallel_size",),
+    "vllm.config.parallel:ParallelConfig": ("tensor_parallel_size", "enable_eplb", "eplb_config"),
+    "vllm.config.parallel:EPLBConfig": ("num_redundant_experts",),
+    "vllm.config.lora:LoRAConfig": ("target_modules",),
     "vllm.distributed:divide": (),
     "vllm.distributed:get_tensor_model_parallel_world_size": (),
     "vllm.compilation.decorators:support_torch_compile": (),
@@ -133,15 +135,16 @@ PINS: dict[str, tuple[str, ...]] = {
         "num_experts", "top_k", "hidden_size", "intermediate_size", "renormalize", "quant_config", "prefix",
         "router", "scoring_func", "shared_experts", "apply_router_weight_on_input",
         "is_fused_checkpoint_transposed", "routed_input_transform", "routed_output_transform",
+        "enable_eplb", "num_redundant_experts",
     ),
+    "vllm.model_executor.layers.fused_moe:MoERunner": ("moe_config", "shared_experts", "update_expert_map"),
     "vllm.model_executor.layers.fused_moe:GateLinear": ("bias", "out_dtype", "quant_config", "prefix"),
     "vllm.model_executor.layers.fused_moe.config:RoutingMethodType": ("Custom", "DeepSeekV3"),
     "vllm.model_executor.layers.fused_moe.router.base_router:BaseRouter": (
-        "top_k", "global_num_experts", "_compute_routing", "routing_method_type",
+        "top_k", "global_num_experts", "eplb_state", "_compute_routing", "_apply_eplb_mapping", "routing_method_type",
         "supports_monolithic_kernels@0.33",
     ),
     # what the CPU kernels run (model_executor/cpu_support.py)
-    "vllm.platforms:current_platform": (),
     "vllm.model_executor.layers.fused_moe:RoutedExperts": (),
     "vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors:CompressedTensorsConfig": (
         "_add_fused_moe_to_target_scheme_map", "get_scheme_dict",
@@ -161,8 +164,22 @@ PINS: dict[str, tuple[str, ...]] = {
         "orig_to_new_prefix", "orig_to_new_substr", "orig_to_new_stacked", "apply",
     ),
     "vllm.model_executor.models.utils:maybe_prefix": (),
+    # the CPU bf16 linear (layers/cpu_gemm.py)
+    "vllm:_custom_ops": ("_supports_onednn", "create_onednn_mm"),
+    f"{_LINEAR}:LinearBase": (),
+    "vllm.model_executor.layers.vocab_parallel_embedding:UnquantizedEmbeddingMethod": (),
+    # EPLB: the per-layer state our routers carry, vLLM's initial expert arrangement
+    "vllm.distributed.eplb.eplb_state:EplbLayerState": ("set_layer_state",),
+    "vllm.distributed.eplb.eplb_state:EplbState": ("build_initial_global_physical_to_logical_map",),
+    # LoRA: vLLM's own matching of lora_target_modules
+    "vllm.lora.utils:is_in_target_modules": (),
     # model interfaces
     "vllm.model_executor.models.interfaces:SupportsQuant": (),
+    "vllm.model_executor.models.interfaces:SupportsLoRA": ("packed_modules_mapping", "embedding_modules"),
+    "vllm.model_executor.models.interfaces:MixtureOfExperts": (
+        "moe_layers", "num_moe_layers", "num_logical_experts", "num_physical_experts", "num_local_physical_experts",
+        "num_redundant_experts", "set_eplb_state", "update_physical_experts_metadata",
+    ),
     "vllm.model_executor.models.interfaces:HasInnerState": (),
     "vllm.model_executor.models.interfaces:IsHybrid": (
         "get_mamba_state_shape_from_config", "get_mamba_state_copy_func",
@@ -220,6 +237,13 @@ HOOKS: tuple[tuple[str, str], ...] = (
     ("vllm.config.model", "verify_and_update_model_config"),
     # the KV-cache size the CPU platform reads (the start-up check reads it before the platform does)
     ("vllm.platforms.cpu", "VLLM_CPU_KVCACHE_SPACE"),
+    # the MoE factory picks its LoRA experts from the current config's lora_config, which
+    # layers/experts.py hides for layers LoRA will not wrap
+    ("vllm.model_executor.layers.fused_moe.layer", "is_lora_enabled=vllm_config.lora_config is not None"),
+    # LoRA reads the model's module-name declarations; EPLB its expert counts and weights
+    ("vllm.lora.utils", "packed_modules_mapping"),
+    ("vllm.lora.worker_manager", "hf_to_vllm_mapper"),
+    ("vllm.distributed.eplb.eplb_state", "num_redundant_experts"),
 )
 
 

@@ -70,12 +70,20 @@ class SourceTree:
         if tree is None:
             return None
         is_package = self.module_path(module).name == "__init__.py"
+        # module-level statements, and those under ``if TYPE_CHECKING:`` (declarations of
+        # names a lazy ``__getattr__`` provides, e.g. ``current_platform: Platform``)
+        top_level = set(tree.body) | {
+            sub
+            for node in tree.body
+            if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+            for sub in node.body
+        }
         stars = []
         for node in ast.walk(tree):
             if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
                 if node in tree.body:
                     return Definition(module, node)
-            elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node in tree.body:
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node in top_level:
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 if any(isinstance(t, ast.Name) and t.id == name for t in targets):
                     return Definition(module, node)
@@ -89,11 +97,11 @@ class SourceTree:
                     elif (alias.asname or alias.name) == name:
                         found = self.resolve(source, alias.name, seen)
                         if found is None and self.module_path(f"{source}.{alias.name}"):
-                            found = Definition(f"{source}.{alias.name}", ast.Module(body=[], type_ignores=[]))
+                            found = Definition(f"{source}.{alias.name}", self._ast(f"{source}.{alias.name}"))
                         if found:
                             return found
         if is_package and self.module_path(f"{module}.{name}"):
-            return Definition(f"{module}.{name}", ast.Module(body=[], type_ignores=[]))
+            return Definition(f"{module}.{name}", self._ast(f"{module}.{name}"))
         lazy = self._lazy_attr(module, tree, name)
         if lazy:
             return self.resolve(*lazy, seen)
@@ -136,6 +144,8 @@ class SourceTree:
     def has_member(self, definition: Definition, member: str) -> bool:
         """Whether ``member`` is a parameter, method, attribute or field of the definition."""
         node = definition.node
+        if isinstance(node, ast.Module):  # a submodule: its top-level names
+            return self.resolve(definition.module, member) is not None
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             return _accepts(node, member)
         if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Call):

@@ -25,13 +25,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vllm.config import get_current_vllm_config
 from vllm.distributed import get_tensor_model_parallel_world_size
-from vllm.model_executor.layers.fused_moe import FusedMoEFactory
 from vllm.model_executor.layers.linear import ReplicatedLinear
 from vllm.model_executor.layers.quantization import QuantizationConfig
 
 from vllm_laguna.configs.llama4 import Llama4Arch
-from vllm_laguna.model_executor.cpu_support import check_experts
+from vllm_laguna.model_executor.layers.experts import ExpertPlacement, fused_experts
 from vllm_laguna.model_executor.layers.routing import Llama4TopKRouter
 from vllm_laguna.model_executor.layers.swiglu import SwiGLU
 
@@ -90,16 +90,18 @@ class Llama4MoE(nn.Module):
             prefix=f"{prefix}.shared_expert",
         )
         per_choice = arch.top_k > 1
-        check_experts(quant_config, f"{prefix}.experts", router_weights_on_input=True)
-        self.experts = FusedMoEFactory(
-            num_experts=arch.num_experts,
+        placement = ExpertPlacement.of(get_current_vllm_config(), arch.num_experts)
+        self.experts = fused_experts(
+            placement,
+            prefix=f"{prefix}.experts",
             top_k=1,  # one expert per row; see the module docstring
             hidden_size=arch.hidden_size,
             intermediate_size=arch.intermediate_size,
             renormalize=False,
             quant_config=quant_config,
-            prefix=f"{prefix}.experts",
-            router=Llama4TopKRouter(top_k=arch.top_k, global_num_experts=arch.num_experts),
+            router=Llama4TopKRouter(
+                top_k=arch.top_k, global_num_experts=arch.num_experts, eplb_state=placement.router_eplb_state()
+            ),
             scoring_func="sigmoid",
             apply_router_weight_on_input=True,
             is_fused_checkpoint_transposed=True,

@@ -5,13 +5,16 @@ Laguna's sigmoid + correction-bias routing and Llama 4's sigmoid-of-top-k crash 
 These routers implement the two schemes themselves and are handed to the fused-MoE layer
 on every platform; the math lives in :mod:`vllm_laguna.kernels` (Triton on CUDA, torch
 elsewhere). Both declare that no fused-MoE backend may route in their place
-(:class:`OwnRouting`).
+(:class:`OwnRouting`). ``_compute_routing`` returns logical expert ids; with EPLB,
+``BaseRouter`` then maps them to physical replicas through ``eplb_state`` and records the load
+(see :mod:`vllm_laguna.model_executor.layers.experts`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from vllm.distributed.eplb.eplb_state import EplbLayerState
 from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
 from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 from vllm.platforms import current_platform
@@ -53,8 +56,9 @@ class SigmoidTopKRouter(OwnRouting):
         correction_bias: torch.Tensor | None,
         softcap: float,
         routed_scaling_factor: float,
+        eplb_state: EplbLayerState | None = None,
     ):
-        super().__init__(top_k=top_k, global_num_experts=num_experts)
+        super().__init__(top_k=top_k, global_num_experts=num_experts, eplb_state=eplb_state)
         self.correction_bias = correction_bias
         self.softcap = softcap
         self.routed_scaling_factor = routed_scaling_factor
@@ -92,10 +96,17 @@ class Llama4TopKRouter(OwnRouting):
     rows are tokens and this is plain top-1 routing.
     """
 
-    def __init__(self, top_k: int, global_num_experts: int):
-        super().__init__(top_k=1, global_num_experts=global_num_experts)
+    def __init__(self, top_k: int, global_num_experts: int, eplb_state: EplbLayerState | None = None):
+        super().__init__(top_k=1, global_num_experts=global_num_experts, eplb_state=eplb_state)
         self.choices_per_token = top_k
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
         weights, ids = kernels.llama4_topk(router_logits, self.choices_per_token)
         return weights.reshape(-1, 1), ids.reshape(-1, 1)
+
+    def _apply_eplb_mapping(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """EPLB maps and counts ids as ``[tokens, k]`` (it records only the first
+        ``num_unpadded_tokens * k`` entries and picks replicas per token); the rows here are
+        (token, choice) pairs, so map them in that shape."""
+        mapped = super()._apply_eplb_mapping(topk_ids.reshape(-1, self.choices_per_token))
+        return mapped.reshape(-1, 1)

@@ -7,22 +7,28 @@ holding them under their checkpoint names, a ``DecoderModel`` subclass (decorate
 and a ``CausalLM`` subclass naming it in ``model_cls`` and mapping its checkpoint names.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from vllm.config import VllmConfig
+from vllm.logger import init_logger
+from vllm.model_executor.layers.fused_moe import MoERunner
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.models.interfaces import SupportsQuant
+from vllm.model_executor.models.interfaces import MixtureOfExperts, SupportsLoRA, SupportsQuant
 from vllm.model_executor.models.utils import maybe_prefix
+from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 from vllm_laguna.model_executor.cpu_support import check_model
 from vllm_laguna.model_executor.layers.cpu_gemm import use_fp32_onednn_for_bf16
+from vllm_laguna.model_executor.layers.experts import replicate_fused_experts
+
+logger = init_logger(__name__)
 
 
 #: checkpoint q/k/v projections -> shards of vLLM's fused ``qkv_proj`` (a ``WeightsMapper``'s
@@ -104,15 +110,31 @@ class DecoderModel(nn.Module):
         return hidden_states
 
 
-class CausalLM(nn.Module, SupportsQuant):
-    """vLLM's model interface around a :class:`DecoderModel`: LM head (tied or not) and logits."""
+class CausalLM(nn.Module, SupportsLoRA, SupportsQuant):
+    """vLLM's model interface around a :class:`DecoderModel`: LM head (tied or not) and logits.
+
+    LoRA: vLLM's LoRA manager wraps the parallel linear layers (and fused-MoE layers; see
+    :mod:`vllm_laguna.model_executor.layers.experts`) after loading. Adapters name checkpoint
+    modules: ``hf_to_vllm_mapper``'s renames map them to ours, ``packed_modules_mapping``
+    says which of them a fused layer holds, ``embedding_modules`` lets them change
+    ``embed_tokens``/``lm_head``.
+    """
 
     model_cls: ClassVar[type[DecoderModel]]
-    #: fused modules -> the checkpoint modules they hold (for quant configs' ignore/target lists)
+    #: fused modules -> the checkpoint modules they hold (LoRA adapters' and quant configs'
+    #: module names)
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    embedding_modules = {"embed_tokens": "input_embeddings", "lm_head": "output_embeddings"}
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
+        if vllm_config.lora_config is not None and current_platform.is_cpu():
+            logger.warning_once(
+                "vLLM's CPU LoRA ops apply the adapter in the last LoRA slot to requests without "
+                "an adapter that share a batch with adapter requests (vLLM PR #48421): keep "
+                "max_loras above the number of adapters served so that slot stays empty."
+            )
+        self.config = vllm_config.model_config.hf_config
         self.model = self.model_cls(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         arch = self.model.arch
         self.lm_head = ParallelLMHead(
@@ -144,3 +166,41 @@ class CausalLM(nn.Module, SupportsQuant):
     def process_weights_after_loading(self) -> None:
         """vLLM's model-level hook, after every layer's own weight processing."""
         use_fp32_onednn_for_bf16(self)
+
+
+class MoECausalLM(CausalLM, MixtureOfExperts):
+    """A :class:`CausalLM` with vLLM fused-MoE layers, and vLLM's EPLB interface over them.
+
+    ``moe_layers`` are the model's ``MoERunner`` layers in layer order (a model may also have
+    dense layers; with none, ``num_moe_layers`` is 0 and vLLM treats the model as dense).
+    Expert counts come from the layers themselves, which get them from
+    :class:`vllm_laguna.model_executor.layers.experts.ExpertPlacement`: logical experts are the
+    checkpoint's, physical ones add ``num_redundant_experts`` replicas, local ones are this
+    expert-parallel rank's. ``set_eplb_state`` (vLLM's default) registers each layer's expert
+    weights and hands the layer's router its slice of the EPLB maps.
+    """
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoERunner)]
+        self.num_moe_layers = len(self.moe_layers)
+        moe = self.moe_layers[0].moe_config if self.moe_layers else None
+        self.num_expert_groups = 1 if moe else 0
+        self.num_logical_experts = self.num_routed_experts = moe.num_logical_experts if moe else 0
+        self.num_physical_experts = moe.num_experts if moe else 0
+        self.num_local_physical_experts = moe.num_local_experts if moe else 0
+        self.num_redundant_experts = self.num_physical_experts - self.num_logical_experts
+        self.num_shared_experts = int(bool(self.moe_layers) and self.moe_layers[0].shared_experts is not None)
+
+    def with_expert_replicas(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint stream with fused expert tensors covering the redundant replicas too
+        (see :func:`vllm_laguna.model_executor.layers.experts.replicate_fused_experts`)."""
+        return replicate_fused_experts(weights, self.num_logical_experts, self.num_redundant_experts)
+
+    def update_physical_experts_metadata(self, num_physical_experts: int, num_local_physical_experts: int) -> None:
+        """Elastic EP changed the rank count: same local experts per rank, new global count."""
+        assert num_local_physical_experts == self.num_local_physical_experts
+        self.num_physical_experts = num_physical_experts
+        self.num_redundant_experts = num_physical_experts - self.num_logical_experts
+        for layer in self.moe_layers:
+            layer.update_expert_map()

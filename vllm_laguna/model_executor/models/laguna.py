@@ -21,23 +21,23 @@ import torch
 from torch import nn
 
 from vllm.compilation.decorators import support_torch_compile
-from vllm.config import VllmConfig
+from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.distributed import get_tensor_model_parallel_world_size
-from vllm.model_executor.layers.fused_moe import FusedMoEFactory, GateLinear
+from vllm.model_executor.layers.fused_moe import GateLinear
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
 from vllm_laguna.configs.laguna import LagunaArch, parse_laguna_config
 from vllm_laguna.model_executor.checkpoint import CheckpointAudit
-from vllm_laguna.model_executor.cpu_support import check_experts
+from vllm_laguna.model_executor.layers.experts import ExpertPlacement, fused_experts
 from vllm_laguna.model_executor.layers.gated_attention import GatedAttention
 from vllm_laguna.model_executor.layers.routing import SigmoidTopKRouter
 from vllm_laguna.model_executor.layers.swiglu import SwiGLU
 from vllm_laguna.model_executor.models.causal_lm import (
     QKV_SHARDS,
-    CausalLM,
     DecoderModel,
+    MoECausalLM,
     PreNormDecoderLayer,
     swiglu_shards,
 )
@@ -80,22 +80,23 @@ class LagunaSparseMoeBlock(nn.Module):
             if arch.shared_expert_intermediate_size > 0
             else None
         )
-        check_experts(quant_config, f"{prefix}.experts")
+        placement = ExpertPlacement.of(get_current_vllm_config(), arch.num_experts)
         router = SigmoidTopKRouter(
             top_k=arch.top_k,
             num_experts=arch.num_experts,
             correction_bias=self.gate.e_score_correction_bias,
             softcap=arch.router_logit_softcapping,
             routed_scaling_factor=arch.routed_scaling_factor,
+            eplb_state=placement.router_eplb_state(),
         )
-        self.experts = FusedMoEFactory(
-            num_experts=arch.num_experts,
+        self.experts = fused_experts(
+            placement,
+            prefix=f"{prefix}.experts",
             top_k=arch.top_k,
             hidden_size=arch.hidden_size,
             intermediate_size=arch.moe_intermediate_size,
             renormalize=True,
             quant_config=quant_config,
-            prefix=f"{prefix}.experts",
             router=router,
             scoring_func="sigmoid",
             shared_experts=self.shared_expert,
@@ -136,7 +137,7 @@ class LagunaModel(DecoderModel):
         )
 
 
-class LagunaForCausalLM(CausalLM):
+class LagunaForCausalLM(MoECausalLM):
     """vLLM entry point for ``LagunaForCausalLM`` checkpoints (Hub or transformers layout)."""
 
     model_cls = LagunaModel
@@ -154,7 +155,7 @@ class LagunaForCausalLM(CausalLM):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         audit = CheckpointAudit(laguna_checkpoint_keys(self.model.arch))
         loader = AutoWeightsLoader(self)
-        loaded = loader.load_weights(audit.watch(weights), mapper=self.hf_to_vllm_mapper)
+        loaded = loader.load_weights(self.with_expert_replicas(audit.watch(weights)), mapper=self.hf_to_vllm_mapper)
         audit.raise_if_incomplete()
         return loaded
 

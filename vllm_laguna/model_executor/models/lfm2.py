@@ -140,6 +140,7 @@ class Lfm2ForCausalLM(CausalLM, HasInnerState, IsHybrid):
     """
 
     model_cls = Lfm2Model
+    #: LoRA and quant configs name checkpoint modules; ``w2`` is loaded as ``down_proj``
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["w1", "w3"],
@@ -157,6 +158,10 @@ class Lfm2ForCausalLM(CausalLM, HasInnerState, IsHybrid):
             ".feed_forward.w3.": (".feed_forward.gate_up_proj.", 1),
         },
     )
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        check_lora_targets(vllm_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
 
     # -- IsHybrid: what vLLM sizes the state cache by, before the model exists ------------
 
@@ -181,6 +186,18 @@ class Lfm2ForCausalLM(CausalLM, HasInnerState, IsHybrid):
         loaded = loader.load_weights(audit.watch(_conv_biases_checked(arch, weights)), mapper=self.hf_to_vllm_mapper)
         audit.raise_if_incomplete()
         return loaded
+
+
+def check_lora_targets(vllm_config: VllmConfig) -> None:
+    """``lora_target_modules`` holds module names; the feed-forward's ``w2`` is ``down_proj``
+    here, so a ``w2`` target would match no module and vLLM would skip it without a word
+    (``w1``/``w3`` match ``gate_up_proj`` through ``packed_modules_mapping``)."""
+    lora_config = vllm_config.lora_config
+    if lora_config is not None and "w2" in (lora_config.target_modules or ()):
+        raise ValueError(
+            "lora_target_modules: LFM2's feed-forward w2 is the module down_proj in vllm-laguna; "
+            f"name down_proj instead of w2 (got {lora_config.target_modules})"
+        )
 
 
 def _conv_biases_checked(

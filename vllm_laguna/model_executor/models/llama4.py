@@ -33,8 +33,8 @@ from vllm_laguna.model_executor.layers.llama4_moe import Llama4MoE
 from vllm_laguna.model_executor.layers.swiglu import SwiGLU
 from vllm_laguna.model_executor.models.causal_lm import (
     QKV_SHARDS,
-    CausalLM,
     DecoderModel,
+    MoECausalLM,
     PreNormDecoderLayer,
     swiglu_shards,
 )
@@ -79,7 +79,7 @@ MULTIMODAL_PREFIXES = WeightsMapper(
 )
 
 
-class Llama4ForCausalLM(CausalLM):
+class Llama4ForCausalLM(MoECausalLM):
     """vLLM entry point for Llama 4 text checkpoints (and multimodal ones' text tower)."""
 
     model_cls = Llama4Model
@@ -93,7 +93,7 @@ class Llama4ForCausalLM(CausalLM):
         # The audit sees text-model names, whichever layout the checkpoint has.
         audit = CheckpointAudit(llama4_checkpoint_keys(self.model.arch))
         text_weights = audit.watch(MULTIMODAL_PREFIXES.apply(weights))
-        loaded = AutoWeightsLoader(self).load_weights(text_weights, mapper=self.hf_to_vllm_mapper)
+        loaded = AutoWeightsLoader(self).load_weights(self.with_expert_replicas(text_weights), mapper=self.hf_to_vllm_mapper)
         audit.raise_if_incomplete()
         return loaded
 

@@ -1,0 +1,50 @@
+"""Our model classes built and loaded the way vLLM's model loader does, without an engine:
+for checks of what vLLM's LoRA and EPLB machinery will find in a model (and of settings vLLM's
+CPU engine refuses to run).
+
+Use :func:`process_group` as a module-scoped fixture (import it into the test module), then
+:func:`load_model`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def process_group(tmp_path_factory):
+    """One single-rank gloo group (what vLLM's worker sets up), the plugin registered, and
+    torch.accelerator's cache calls made no-ops, as vLLM's CPU model runner does."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import cleanup_dist_env_and_memory, init_distributed_environment, initialize_model_parallel
+
+    import vllm_laguna
+
+    vllm_laguna.register()
+    with set_current_vllm_config(VllmConfig()):
+        init_distributed_environment(1, 0, f"file://{tmp_path_factory.mktemp('dist') / 'init'}", 0, "gloo")
+        initialize_model_parallel(1, 1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.accelerator, "empty_cache", lambda: None)
+        yield
+    cleanup_dist_env_and_memory()
+
+
+def load_model(ckpt, num_redundant_experts: int | None = None, lora_config=None):
+    """``(model, vllm_config)`` for ``ckpt`` in fp32 as vLLM's default loader builds it
+    (weights loaded and processed). ``num_redundant_experts`` turns
+    EPLB on, set after the config's validation (vLLM refuses EPLB on CPU); ``lora_config``
+    is what ``enable_lora`` would set (the LoRA manager itself is not created)."""
+    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.model_executor.model_loader import get_model
+
+    vllm_config = VllmConfig(
+        model_config=ModelConfig(model=str(ckpt), dtype="float32", max_model_len=256), lora_config=lora_config
+    )
+    if num_redundant_experts is not None:
+        parallel = vllm_config.parallel_config
+        parallel.enable_eplb = True
+        parallel.eplb_config.num_redundant_experts = num_redundant_experts
+    with set_current_vllm_config(vllm_config):
+        return get_model(vllm_config=vllm_config), vllm_config
