@@ -7,6 +7,7 @@ import pytest
 from transformers import LagunaConfig
 
 from vllm_laguna.configs import ConfigError
+from vllm_laguna.configs.laguna import LAYER_TYPES
 from vllm_laguna.configs.laguna_dflash import parse_laguna_dflash_config
 from vllm_laguna.tiny.laguna import LagunaDFlashTiny, LagunaTiny, build_laguna_dflash
 
@@ -42,7 +43,7 @@ def test_tiny_drafter_config():
         (
             {
                 "layer_types": ["full_attention", "sliding_attention"],
-                "rope_parameters": {t: {"rope_type": "default", "rope_theta": 1e4} for t in ("full_attention", "sliding_attention")},
+                "rope_parameters": {t: {"rope_type": "default", "rope_theta": 1e4} for t in LAYER_TYPES},
             },
             "layer_types",
         ),

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness import assert_parity, hf_greedy, prompts_for, vllm_spec_run
+import torch
+
+from harness import assert_parity, engine_kwargs, hf_greedy, prompts_for, shutdown, vllm_spec_run
 from vllm_laguna.tiny.dflash_oracle import build_dflash_oracle, cycle_prompts, successor
 from vllm_laguna.tiny.eagle3 import build_eagle3
 from vllm_laguna.tiny.laguna import build_laguna, build_laguna_dflash
@@ -68,6 +70,47 @@ def llama4_reference(llama4):
 @pytest.fixture(scope="module")
 def oracle(tmp_path_factory):
     return build_dflash_oracle(tmp_path_factory.mktemp("oracle"))
+
+
+AUX_LAYERS = (1, 2, 3)
+
+
+def capture_aux_hidden_states(model):
+    """Ask the target for aux hidden states as a drafter would, and keep them from the
+    engine (which runs no drafter here) with a forward hook that returns the hidden states."""
+    model.set_aux_hidden_state_layers(AUX_LAYERS)
+    model.captured = []
+
+    def keep_aux(module, args, output):
+        hidden, aux = output
+        model.captured.append([h.clone() for h in aux])
+        return hidden
+
+    model.register_forward_hook(keep_aux)  # on the outer model: vLLM calls DecoderModel.forward directly
+
+
+@pytest.mark.parametrize("target", ["laguna", "llama4"])
+def test_aux_hidden_states_are_the_residual_stream(target, request):
+    """SupportsEagle3: aux state ``i`` is the residual stream entering layer ``i``, which is
+    transformers' ``hidden_states[i]``."""
+    from transformers import AutoModelForCausalLM
+    from vllm import LLM, SamplingParams
+
+    checkpoint = request.getfixturevalue(target)
+    prompt = PROMPTS[2]
+    with torch.no_grad():
+        hf = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+        expected = hf(torch.tensor([prompt]), output_hidden_states=True).hidden_states
+    llm = LLM(**engine_kwargs(checkpoint))
+    try:
+        llm.apply_model(capture_aux_hidden_states)
+        llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1), use_tqdm=False)
+        prefill = llm.apply_model(lambda model: model.captured[0])[0]
+    finally:
+        shutdown(llm)
+    assert len(prefill) == len(AUX_LAYERS)
+    for layer, ours in zip(AUX_LAYERS, prefill):
+        torch.testing.assert_close(ours[: len(prompt)], expected[layer][0], rtol=1e-4, atol=1e-4)
 
 
 def test_dflash_random_drafter_keeps_greedy_output(laguna, laguna_reference, tmp_path, record_property):

@@ -52,7 +52,9 @@ def parse_laguna_dflash_config(
     if len(set(layers.layer_types)) != 1:
         raise ConfigError(MODEL, "layer_types", "one layer type for every drafter layer", list(layers.layer_types))
     if "sparse" in layers.mlp_layer_types:
-        raise ConfigError(MODEL, "mlp_layer_types", 'all "dense" (drafter MLPs are dense)', list(layers.mlp_layer_types))
+        raise ConfigError(
+            MODEL, "mlp_layer_types", 'all "dense" (drafter MLPs are dense)', list(layers.mlp_layer_types)
+        )
 
     dflash = getattr(config, "dflash_config", None)
     if not isinstance(dflash, dict):
@@ -90,7 +92,10 @@ def parse_laguna_dflash_config(
         )
     if layers.hidden_size != target_hidden_size:
         raise ConfigError(
-            MODEL, "hidden_size", f"the target's hidden_size={target_hidden_size} (shared embedding)", layers.hidden_size
+            MODEL,
+            "hidden_size",
+            f"the target's hidden_size={target_hidden_size} (shared embedding)",
+            layers.hidden_size,
         )
     mask = dflash.get("mask_token_id")
     if isinstance(mask, bool) or not isinstance(mask, int) or not 0 <= mask < target_vocab_size:

@@ -95,8 +95,9 @@ class DecoderModel(nn.Module, EagleModelMixin):
     normed hidden states ``[T, H]`` — or ``(hidden, aux)`` once a drafter asked for aux hidden
     states (``set_aux_hidden_state_layers``): ``aux[j]`` is the residual stream ``hidden +
     residual`` ``[T, H]`` entering layer ``aux_hidden_state_layers[j]`` (index ``num_layers``:
-    after the last layer, before the final norm). Earlier ranks hand theirs on inside the
-    intermediate tensors (EagleModelMixin's relay), so any split gives the same list.
+    after the last layer, before the final norm). Earlier ranks pack theirs into the
+    intermediate tensors under EagleModelMixin's keys for vLLM to relay to the last rank, as
+    vLLM's Llama does (not run here: see docs/DESIGN.md §9).
     """
 
     supports_aux_hidden_states_over_pp = True
