@@ -23,6 +23,7 @@ PROMPTS = prompts_for(512, [5, 40], seed=11)
 PIPELINE_2 = dict(
     pipeline_parallel_size=2,
     distributed_executor_backend="mp",
+    enforce_eager=False,
     compilation_config={"mode": 2, "backend": "eager"},
 )
 
