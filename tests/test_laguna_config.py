@@ -138,6 +138,27 @@ def test_gating_values(gating, expected):
     assert parse_laguna_config(laguna_config(gating=gating)).gating == expected
 
 
+@pytest.mark.parametrize(
+    "gating, gating_types, expected",
+    [
+        (True, None, ("from-weights", "from-weights")),
+        (True, ["per-element", "per-head"], ("per-element", "per-head")),
+        ("per-head", ["per-head", "per-head"], ("per-head", "per-head")),
+        (False, None, ("none", "none")),
+    ],
+)
+def test_gating_types_decide_each_layer(gating, gating_types, expected):
+    arch = parse_laguna_config(laguna_config(gating=gating, gating_types=gating_types))
+    assert (arch.gate(0), arch.gate(1)) == expected
+    assert arch.gate_field(1) == ("gating" if gating_types is None else "gating_types[1]")
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_attention_sinks_on_sliding_layers_only(enabled):
+    arch = parse_laguna_config(laguna_config(swa_attention_sink_enabled=enabled))
+    assert (arch.has_sink(0), arch.has_sink(1)) == (False, enabled)  # layer 0 full, 1 sliding
+
+
 BAD_CONFIGS = {
     "layer_types": dict(layer_types=["full_attention"] * 3),
     "mlp_layer_types": dict(mlp_layer_types=["dense"]),
@@ -154,7 +175,20 @@ BAD_CONFIGS = {
     ),
     "num_experts_per_tok": dict(num_experts_per_tok=9),
     "hidden_act": dict(hidden_act="gelu"),
+    "gating_types": dict(gating_types=["per-head"]),
+    "gating_types[1]": dict(gating_types=["per-head", "per-channel"]),
+    "swa_attention_sink_enabled": dict(swa_attention_sink_enabled="yes"),
 }
+
+
+@pytest.mark.parametrize(
+    "gating, gating_types, field",
+    [("per-head", ["per-head", "per-element"], "gating_types[1]"), (False, ["per-head", "per-head"], "gating_types")],
+)
+def test_gating_types_contradicting_gating(gating, gating_types, field):
+    with pytest.raises(ConfigError) as err:
+        parse_laguna_config(_bad(laguna_config(), gating=gating, gating_types=gating_types))
+    assert err.value.field == field
 
 
 @pytest.mark.parametrize("field", list(BAD_CONFIGS))

@@ -217,10 +217,12 @@ def test_prompt_overrides_kwargs_when_streaming(tok):
 def test_adjust_request_keeps_markers_only_when_special(special):
     tok = tiny_tokenizer(special_markers=special)
     request = chat_request(tools=None)
+    untouched = request.skip_special_tokens  # vLLM 0.32: True; 0.33: None (= True, decided later)
     parser_for(tok, True).adjust_request(request)
-    assert request.skip_special_tokens is (not special)
+    assert request.skip_special_tokens is (False if special else untouched)
     ids = tok.encode("r</think>c", add_special_tokens=False)
-    assert ("</think>" in tok.decode(ids, skip_special_tokens=request.skip_special_tokens)) is True
+    skip = request.skip_special_tokens is not False  # vLLM 0.33 decides None as True
+    assert ("</think>" in tok.decode(ids, skip_special_tokens=skip)) is True
 
 
 def test_in_tree_poolside_v1_swallows_the_tool_call_and_we_do_not(tok):

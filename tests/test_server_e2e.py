@@ -19,18 +19,12 @@ One server serves every check of this module, the 32-stream load test included.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from laguna_parsing import TOOLS, composed_parser_cls, parse_complete
+from serving import vllm_serve
 
 from vllm_laguna.tiny.scripted import build_scripted
 
@@ -66,52 +60,17 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 MODEL = "laguna-scripted"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"vllm serve not healthy after {timeout} s:\n{log.read_text()[-4000:]}")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("laguna-server")
     checkpoint = build_scripted(root / "ckpt", [REASONING, CONTENT, CALL], special_markers=True)
-    port, log = free_port(), root / "server.log"
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # the user's default
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="INFO")
-    command = [
-        str(Path(sys.executable).with_name("vllm")), "serve", str(checkpoint),
-        "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
+    flags = [
+        "--served-model-name", MODEL,
         "--reasoning-parser", "laguna", "--tool-call-parser", "laguna", "--enable-auto-tool-choice",
         "--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", "32", "--enforce-eager",
     ]  # fmt: skip
-    with log.open("w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc, log, timeout=900)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the API server and its engine-core child
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+    with vllm_serve(checkpoint, root / "server.log", *flags) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,13 @@ Quirks handled here, and nowhere else:
 * ``gating``: ``"per-head"``, ``"per-element"``, ``false`` (no gate) or ``true``, which is
   ambiguous in the wild (transformers reads it as per-head, M.1's remote code as
   per-element): ``true`` is resolved from the ``g_proj`` weight's shape at load time.
+* ``gating_types``: per-layer gate kinds (``"per-head"``/``"per-element"``), authoritative
+  where present (as in llama.cpp); it must agree with an explicit ``gating`` and cannot
+  stand beside ``gating: false``. Each layer's ``g_proj`` weight is checked against its
+  kind while loading.
+* ``swa_attention_sink_enabled``: a learnable per-head attention sink on sliding layers
+  (``self_attn.sink``, one logit per query head in the softmax denominator, as vLLM's
+  in-tree Laguna defines it).
 * per-layer query-head counts, attention layer types and MLP layer types, with the defaults
   transformers uses when they are absent.
 """
@@ -56,6 +63,10 @@ class LagunaArch:
     routed_scaling_factor: float
     router_logit_softcapping: float
     gating: GateKind
+    #: per-layer gate kinds from ``gating_types``, None when the config has none
+    gating_types: tuple[str, ...] | None
+    #: ``swa_attention_sink_enabled``: sliding layers carry a per-head attention sink
+    swa_attention_sink: bool
     rms_norm_eps: float
     attention_bias: bool
     tie_word_embeddings: bool
@@ -63,6 +74,20 @@ class LagunaArch:
     def window(self, layer: int) -> int | None:
         """Sliding window of ``layer`` (inclusive of the current token), None on full layers."""
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+    def gate(self, layer: int) -> GateKind:
+        """The output gate of ``layer``: ``gating_types[layer]`` where given, else ``gating``."""
+        if self.gating == "none" or self.gating_types is None:
+            return self.gating
+        return self.gating_types[layer]
+
+    def gate_field(self, layer: int) -> str:
+        """The config field that decides ``layer``'s gate (for error messages)."""
+        return f"gating_types[{layer}]" if self.gating_types is not None else "gating"
+
+    def has_sink(self, layer: int) -> bool:
+        """Whether ``layer`` has an attention sink (sliding layers, when enabled)."""
+        return self.swa_attention_sink and self.layer_types[layer] == "sliding_attention"
 
     def rope(self, layer: int) -> dict[str, Any]:
         return self.rope_by_layer_type[self.layer_types[layer]]
@@ -126,6 +151,12 @@ def parse_laguna_config(config: Any) -> LagunaArch:
     if softcap < 0:
         raise ConfigError(MODEL, "moe_router_logit_softcapping", "a value >= 0 (0 disables it)", softcap)
 
+    gating = _resolve_gating(getattr(config, "gating", True))
+    gating_types = _resolve_gating_types(getattr(config, "gating_types", None), gating, num_layers)
+    sink = getattr(config, "swa_attention_sink_enabled", False)
+    if not isinstance(sink, bool):
+        raise ConfigError(MODEL, "swa_attention_sink_enabled", "true or false", sink)
+
     max_pos = positive_int(MODEL, config, "max_position_embeddings", 131072)
     rope = _resolve_rope(config, sorted(set(layer_types)), head_dim, max_pos)
 
@@ -152,7 +183,9 @@ def parse_laguna_config(config: Any) -> LagunaArch:
         top_k=top_k,
         routed_scaling_factor=float(getattr(config, "moe_routed_scaling_factor", 1.0) or 1.0),
         router_logit_softcapping=softcap,
-        gating=_resolve_gating(getattr(config, "gating", True)),
+        gating=gating,
+        gating_types=gating_types,
+        swa_attention_sink=sink,
         rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-6)),
         attention_bias=bool(getattr(config, "attention_bias", False)),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
@@ -167,6 +200,18 @@ def _resolve_gating(value: Any) -> GateKind:
     if value in ("per-head", "per-element"):
         return value
     raise ConfigError(MODEL, "gating", 'true, false, "per-head" or "per-element"', value)
+
+
+def _resolve_gating_types(value: Any, gating: GateKind, num_layers: int) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    kinds = per_layer_list(MODEL, "gating_types", value, num_layers, ("per-head", "per-element"))
+    if gating == "none":
+        raise ConfigError(MODEL, "gating_types", "no per-layer gate kinds when `gating` is false", list(kinds))
+    for i, kind in enumerate(kinds):
+        if gating in ("per-head", "per-element") and kind != gating:
+            raise ConfigError(MODEL, f"gating_types[{i}]", f"{gating!r}, as `gating` says", kind)
+    return kinds
 
 
 def _resolve_rope(

@@ -72,6 +72,13 @@ class LagunaTiny:
     gating: Any = "per-head"
     #: the gate the weights have when gating is True: "per-head" or "per-element"
     gate_weights: str = "per-head"
+    #: per-layer gate kinds written as config.json's `gating_types` (they decide the
+    #: weights' shapes); None writes no such key
+    gating_types: list[str] | None = None
+    #: `swa_attention_sink_enabled`: sliding layers get a per-head `self_attn.sink`
+    swa_attention_sink: bool = False
+    #: std of the sink logits (around 0: each sink weighs about one key's worth)
+    sink_std: float = 1.0
     vocab_size: int = 512
     weight_std: float = 0.08
     dtype: str = "float32"
@@ -140,6 +147,7 @@ class LagunaTiny:
             "moe_router_logit_softcapping": self.router_softcap,
             "moe_apply_router_weight_on_input": False,
             "gating": self.gating,
+            "swa_attention_sink_enabled": self.swa_attention_sink,
             "rms_norm_eps": 1e-6,
             "attention_bias": self.attention_bias,
             "tie_word_embeddings": self.tie_word_embeddings,
@@ -148,14 +156,21 @@ class LagunaTiny:
             "pad_token_id": 0,
             "dtype": self.dtype,
         }
+        if self.gating_types is not None:
+            cfg["gating_types"] = list(self.gating_types)
         cfg.update(self.config_overrides)
         return cfg
+
+    def per_element_gate(self, layer: int) -> bool:
+        """Whether the weights give ``layer`` a per-element gate (else per-head)."""
+        if self.gating_types is not None:
+            return self.gating_types[layer] == "per-element"
+        return self.gating == "per-element" or (self.gating is True and self.gate_weights == "per-element")
 
     def hub_state_dict(self) -> dict[str, torch.Tensor]:
         """Random weights named as in poolside's Hub checkpoints."""
         w = RandomWeights(self.seed, self.weight_std)
         H, D = self.hidden_size, self.head_dim
-        per_element = self.gating == "per-element" or (self.gating is True and self.gate_weights == "per-element")
         sd = {"model.embed_tokens.weight": w.normal(self.vocab_size, H), "model.norm.weight": w.norm(H)}
         if not self.tie_word_embeddings:
             sd["lm_head.weight"] = w.normal(self.vocab_size, H)
@@ -174,7 +189,9 @@ class LagunaTiny:
                 for n, width in (("q", heads * D), ("k", self.num_kv_heads * D), ("v", self.num_kv_heads * D), ("o", H)):
                     sd[f"{p}.self_attn.{n}_proj.bias"] = w.normal(width)
             if self.gating is not False:
-                sd[f"{p}.self_attn.g_proj.weight"] = w.normal(heads * D if per_element else heads, H)
+                sd[f"{p}.self_attn.g_proj.weight"] = w.normal(heads * D if self.per_element_gate(i) else heads, H)
+            if self.swa_attention_sink and self.layer_types[i] == "sliding_attention":
+                sd[f"{p}.self_attn.sink"] = w.normal(heads, std=self.sink_std)
             if self.mlp_layer_types[i] == "dense":
                 sd.update(_swiglu(w, f"{p}.mlp", H, self.intermediate_size))
                 continue
@@ -218,10 +235,14 @@ def build_laguna(out_dir: str | Path, spec: LagunaTiny | None = None, **options:
 def _save_via_transformers(out: Path, spec: LagunaTiny) -> None:
     from transformers import AutoModelForCausalLM
 
+    hub = spec.hub_state_dict()
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp), spec.config(), spec.hub_state_dict(), generation={"eos_token_id": [2, 24]})
+        save_checkpoint(Path(tmp), spec.config(), hub, generation={"eos_token_id": [2, 24]})
         model = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, spec.dtype))
-    save_checkpoint(out, spec.config(), model.state_dict(), generation={"eos_token_id": [2, 24]})
+    state = model.state_dict()
+    # transformers has no attention sink: the sinks keep their (only) name
+    state.update({name: tensor for name, tensor in hub.items() if name.endswith(".self_attn.sink")})
+    save_checkpoint(out, spec.config(), state, generation={"eos_token_id": [2, 24]})
 
 
 #: an otherwise unused id of the tiny tokenizer (a reserved filler) for DFlash's mask token

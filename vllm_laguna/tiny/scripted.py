@@ -12,8 +12,11 @@ token picks the script: with Laguna's chat template that is ``<think>`` (thinkin
 
 A script is given as chains of text pieces; each piece becomes one token (Laguna's marker
 tokens keep their ids, other pieces are added to the tokenizer), and a token may have only
-one successor. The checkpoint is otherwise a normal tiny Laguna (layout, config, tokenizer,
-chat template), loaded by vLLM through this plugin like any other.
+one successor. Optional *fallback* chains give a token a second choice, at ``FALLBACK_LOGIT``:
+greedy decoding takes it only where the scripted successor is forbidden, e.g. by a
+structured-output grammar — so one checkpoint answers in prose without a grammar and in
+JSON under a JSON schema. The checkpoint is otherwise a normal tiny Laguna (layout, config,
+tokenizer, chat template), loaded by vLLM through this plugin like any other.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from vllm_laguna.tiny.weights import save_checkpoint
 
 #: the logit of the scripted successor (all others are 0)
 LOGIT = 30.0
+#: the logit of a fallback successor: below the scripted one, above everything else
+FALLBACK_LOGIT = 15.0
 
 _ZEROED = ("self_attn.o_proj.weight", "down_proj.weight")
 
@@ -60,18 +65,21 @@ def build_scripted(
     out_dir: str | Path,
     chains: Sequence[Sequence[str]],
     *,
+    fallbacks: Sequence[Sequence[str]] = (),
     special_markers: bool = True,
     spec: LagunaTiny | None = None,
     **options: Any,
 ) -> Path:
     """Write a checkpoint whose greedy continuation of any prompt ending in a chain's
-    piece follows that chain. ``special_markers``: whether the tokenizer calls
+    piece follows that chain. ``fallbacks``: chains of second choices (see the module
+    docstring). ``special_markers``: whether the tokenizer calls
     ``<think>``/``<tool_call>``... special (then only a parser that asks for
     ``skip_special_tokens=False`` sees them). ``options`` override fields of ``spec``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     edges = script_edges(chains)
-    pieces = list(dict.fromkeys(p for chain in chains for p in chain))
+    second = script_edges(fallbacks)
+    pieces = list(dict.fromkeys(p for chain in (*chains, *fallbacks) for p in chain))
     for piece in pieces:
         if piece not in SINGLE_TOKEN_MARKERS and any(m in piece for m in SINGLE_TOKEN_MARKERS):
             raise ValueError(f"script piece {piece!r} contains a marker token; make the marker a piece of its own")
@@ -86,7 +94,7 @@ def build_scripted(
     for piece, token_id in ids.items():
         assert tokenizer.decode([token_id]) == piece, (piece, tokenizer.decode([token_id]))
 
-    sources = list(edges)
+    sources = list(dict.fromkeys([*edges, *second]))
     hidden = max(64, -(-len(sources) // 32) * 32)
     spec = dataclasses.replace(
         spec or LagunaTiny(), hidden_size=hidden, vocab_size=-(-tokenizer_size // 64) * 64, dtype="float32", **options
@@ -102,11 +110,13 @@ def build_scripted(
     for column, piece in enumerate(sources):
         embed[ids[piece]] = basis[:, column] * hidden**0.5
     head = torch.zeros(spec.vocab_size, hidden)
-    for a, b in edges.items():
-        head[ids[b]] += embed[ids[a]] * (LOGIT / hidden)
+    for successors, logit in ((edges, LOGIT), (second, FALLBACK_LOGIT)):
+        for a, b in successors.items():
+            head[ids[b]] += embed[ids[a]] * (logit / hidden)
     if spec.tie_word_embeddings:
         raise ValueError("a scripted checkpoint needs its own lm_head (tie_word_embeddings=False)")
     state["lm_head.weight"] = head
     save_checkpoint(out, spec.config(), state, generation={"eos_token_id": [2, 24]})
-    (out / "script.json").write_text(json.dumps({"chains": [list(c) for c in chains]}, ensure_ascii=False, indent=1))
+    script = {"chains": [list(c) for c in chains], "fallbacks": [list(c) for c in fallbacks]}
+    (out / "script.json").write_text(json.dumps(script, ensure_ascii=False, indent=1))
     return out

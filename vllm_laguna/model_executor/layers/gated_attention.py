@@ -8,7 +8,14 @@ q ``[T, H_local * D]``, k/v ``[T, KV_local * D]``, gate ``[T, H_local]`` or ``[T
 A config saying ``gating: true`` does not say which gate it means (transformers reads it
 as per-head, Laguna-M.1's remote code as per-element), so the layer starts per-head and,
 if the checkpoint's ``g_proj`` has ``heads * head_dim`` rows, rebuilds ``g_proj`` per
-element while loading it.
+element while loading it. A gate the config names (``gating_types[i]`` or ``gating``) must
+match the weight's row count.
+
+With ``swa_attention_sink_enabled``, sliding layers carry ``sink`` ``[H_local]`` (checkpoint
+``self_attn.sink`` ``[H]``, split by query head): one learnable logit per head that joins
+the softmax denominator of every query, ``p_j = exp(s_j) / (exp(sink) + sum_k exp(s_k))``
+with ``s_j = scale * q.k_j``, so a head may attend to nothing. vLLM's attention backends
+(CPU included) apply it, given as ``Attention(sinks=...)``.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.model_loader.weight_utils import sharded_weight_loader
+from vllm.model_executor.utils import set_weight_attrs
 
 from vllm_laguna import kernels
 from vllm_laguna.configs.laguna import LagunaArch
@@ -70,9 +79,10 @@ class GatedAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.o_proj",
         )
-        self.gating = arch.gating
-        if arch.gating != "none":
-            self.g_proj = self._make_g_proj(per_element=arch.gating == "per-element")
+        self.gating = arch.gate(layer)
+        self.gate_field = arch.gate_field(layer)
+        if self.gating != "none":
+            self.g_proj = self._make_g_proj(per_element=self.gating == "per-element")
         self.q_norm = RMSNorm(arch.head_dim, eps=arch.rms_norm_eps)
         self.k_norm = RMSNorm(arch.head_dim, eps=arch.rms_norm_eps)
         self.rotary_emb = get_rope(
@@ -81,6 +91,11 @@ class GatedAttention(nn.Module):
             is_neox_style=True,
             rope_parameters=arch.rope(layer),
         )
+        sink = {}
+        if arch.has_sink(layer):
+            self.sink = nn.Parameter(torch.empty(self.heads.num_heads), requires_grad=False)
+            set_weight_attrs(self.sink, {"weight_loader": sharded_weight_loader(0)})
+            sink = {"sinks": self.sink}
         self.attn = Attention(
             self.heads.num_heads,
             arch.head_dim,
@@ -90,6 +105,7 @@ class GatedAttention(nn.Module):
             quant_config=quant_config,
             per_layer_sliding_window=arch.window(layer),
             prefix=f"{prefix}.attn",
+            **sink,
         )
 
     def _make_g_proj(self, per_element: bool) -> ColumnParallelLinear:
@@ -105,7 +121,7 @@ class GatedAttention(nn.Module):
         return g_proj
 
     def _load_g_proj(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        """Checks the gate's row count against ``gating``; for ``gating: true`` it picks the gate.
+        """Checks the gate's row count against the config; for ``gating: true`` it picks the gate.
 
         Only installed on an unquantized ``g_proj`` (released checkpoints keep attention in
         bf16); a quantized one loads through vLLM's own loader.
@@ -116,7 +132,7 @@ class GatedAttention(nn.Module):
         if rows != expected:
             if self.gating != "from-weights" or rows != per_element:
                 raise CheckpointError(
-                    f"{self.prefix}.g_proj.weight has {rows} rows; config `gating` "
+                    f"{self.prefix}.g_proj.weight has {rows} rows; config `{self.gate_field}` "
                     f"({self.gating}) expects {expected} (per-head: {per_head}, "
                     f"per-element: {per_element})"
                 )

@@ -4,7 +4,8 @@ vLLM 0.32's CPU router only knows softmax top-k (``assert scoring_func == "softm
 Laguna's sigmoid + correction-bias routing and Llama 4's sigmoid-of-top-k crash there.
 These routers implement the two schemes themselves and are handed to the fused-MoE layer
 on every platform; the math lives in :mod:`vllm_laguna.kernels` (Triton on CUDA, torch
-elsewhere).
+elsewhere). Both declare that no fused-MoE backend may route in their place
+(:class:`OwnRouting`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,27 @@ from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 from vllm_laguna import kernels
 
 
-class SigmoidTopKRouter(BaseRouter):
+class OwnRouting(BaseRouter):
+    """A router whose routing no fused-MoE backend may replace.
+
+    * ``routing_method_type`` is ``Custom``: backends that route by the method's name
+      have no name for ours.
+    * ``supports_monolithic_kernels`` is False: vLLM 0.33 then sets the MoE config's
+      ``require_decomposed_backend``, which excludes every monolithic expert kernel (those
+      that take router logits and route inside the kernel, e.g. TRT-LLM's, or zentorch's
+      int4 MoE, which accepts ``Custom``). vLLM 0.32 has no such hook and never reads it.
+    """
+
+    @property
+    def routing_method_type(self) -> RoutingMethodType:
+        return RoutingMethodType.Custom
+
+    @property
+    def supports_monolithic_kernels(self) -> bool:
+        return False
+
+
+class SigmoidTopKRouter(OwnRouting):
     """Laguna routing: softcap -> sigmoid -> top-k by (score + bias) -> renormalise -> scale.
 
     ``correction_bias`` is the layer's ``e_score_correction_bias`` parameter (fp32, [E]);
@@ -37,11 +58,6 @@ class SigmoidTopKRouter(BaseRouter):
         self.softcap = softcap
         self.routed_scaling_factor = routed_scaling_factor
 
-    @property
-    def routing_method_type(self) -> RoutingMethodType:
-        # Custom: no fused-MoE backend may substitute its own routing for ours.
-        return RoutingMethodType.Custom
-
     def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
         return kernels.sigmoid_topk(
             router_logits,
@@ -52,7 +68,7 @@ class SigmoidTopKRouter(BaseRouter):
         )
 
 
-class Llama4TopKRouter(BaseRouter):
+class Llama4TopKRouter(OwnRouting):
     """Llama 4 routing: top-k of the raw logits, sigmoid of the chosen logits.
 
     The weights scale the expert *input* (the layer is built with
@@ -68,10 +84,6 @@ class Llama4TopKRouter(BaseRouter):
     def __init__(self, top_k: int, global_num_experts: int):
         super().__init__(top_k=1, global_num_experts=global_num_experts)
         self.choices_per_token = top_k
-
-    @property
-    def routing_method_type(self) -> RoutingMethodType:
-        return RoutingMethodType.Custom
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
         weights, ids = kernels.llama4_topk(router_logits, self.choices_per_token)

@@ -97,7 +97,7 @@ class DecoderModel(nn.Module, EagleModelMixin):
     residual`` ``[T, H]`` entering layer ``aux_hidden_state_layers[j]`` (index ``num_layers``:
     after the last layer, before the final norm). Earlier ranks pack theirs into the
     intermediate tensors under EagleModelMixin's keys for vLLM to relay to the last rank, as
-    vLLM's Llama does (not run here: see docs/DESIGN.md §9).
+    vLLM's Llama does (not run here: see docs/DESIGN.md §10).
     """
 
     supports_aux_hidden_states_over_pp = True

@@ -187,6 +187,8 @@ def laguna_checkpoint_keys(arch: LagunaArch) -> CheckpointAudit.Spec:
         attn += [f"{p}.self_attn.q_norm.weight", f"{p}.self_attn.k_norm.weight"]
         if arch.gating != "none":
             attn.append(f"{p}.self_attn.g_proj.weight")
+        if arch.has_sink(i):
+            attn.append(f"{p}.self_attn.sink")
         spec.require(*attn)
         if arch.attention_bias:
             spec.require(*(f"{p}.self_attn.{n}_proj.bias" for n in "qkvo"))

@@ -209,7 +209,9 @@ def laguna_dflash_checkpoint_keys(arch: LagunaDFlashArch) -> CheckpointAudit.Spe
         p = f"layers.{i}"
         spec.require(f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight")
         spec.require(*(f"{p}.self_attn.{n}.weight" for n in ("qkv_proj", "o_proj", "q_norm", "k_norm")))
-        if arch.layers.gating != "none":
+        if arch.layers.gate(i) != "none":
             spec.require(f"{p}.self_attn.g_proj.weight")
+        if arch.layers.has_sink(i):
+            spec.require(f"{p}.self_attn.sink")
         spec.require(*(f"{p}.mlp.{n}_proj.weight" for n in ("gate", "up", "down")))
     return spec

@@ -26,7 +26,7 @@ from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.mamba.mamba_utils import MambaStateCopyFuncCalculator
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid, SupportsMambaPrefixCaching
+from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
 from vllm_laguna.model_executor.layers.attention_heads import RankHeads
@@ -129,11 +129,14 @@ class Lfm2Model(DecoderModel):
         )
 
 
-class Lfm2ForCausalLM(CausalLM, HasInnerState, IsHybrid, SupportsMambaPrefixCaching):
+class Lfm2ForCausalLM(CausalLM, HasInnerState, IsHybrid):
     """vLLM entry point for ``Lfm2ForCausalLM`` checkpoints (either config form).
 
     Prefix caching works (vLLM's "align" mode: the conv state at every 128-token block
     boundary is kept with the block and copied by :meth:`get_mamba_state_copy_func`'s spec).
+    ``IsHybrid`` is what asks for that copy spec, in vLLM 0.32 and 0.33 alike; the
+    ``SupportsMambaPrefixCaching`` marker is only for attention-free models (0.32 read its
+    flag nowhere, 0.33 dropped it).
     """
 
     model_cls = Lfm2Model

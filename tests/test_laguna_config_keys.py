@@ -1,0 +1,128 @@
+"""Laguna config keys transformers 5.19 does not implement, run for real:
+``swa_attention_sink_enabled`` (per-head attention sinks on sliding layers) and
+``gating_types`` (per-layer gate kinds).
+
+The reference is transformers' own ``LagunaForCausalLM`` given what it lacks, from the
+checkpoint: each sliding layer's ``self_attn.sink``, applied by an eager attention written
+here from vLLM's definition of a sink (a per-head logit in every query's softmax
+denominator), and each layer's own gate kind (``gate_per_head`` and ``g_proj`` are per-layer
+attributes of transformers' attention). fp32, greedy tokens identical, top-5 logprobs close,
+prompts longer than the window.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from checkpoint_edits import edit_config, rewrite_tensors
+from harness import assert_parity, hf_greedy, prompts_for, vllm_greedy
+from vllm_laguna.tiny.laguna import build_laguna
+
+pytestmark = pytest.mark.slow
+
+PROMPT_LENGTHS = [5, 23, 40, 70]  # window 16
+MIXED_GATES = ["per-element", "per-head", "per-element", "per-head"]
+
+
+def attention_with_sink(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager attention; ``module.sink`` ``[H]``, where present, joins the softmax as one more
+    logit per head whose probability is dropped: ``p_j = exp(s_j) / (exp(sink) + sum_k exp(s_k))``.
+    q ``[B, H, Q, D]``, k/v ``[B, KV, K, D]``."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    sink = getattr(module, "sink", None)
+    if sink is not None:
+        column = sink.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, column], dim=-1)
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    if sink is not None:
+        probs = probs[..., :-1]
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+class LagunaReference:
+    """``model_cls`` for ``harness.hf_greedy``: transformers' Laguna plus the checkpoint's sinks
+    and per-layer gates (see the module docstring)."""
+
+    @staticmethod
+    def from_pretrained(path: str, dtype: torch.dtype):
+        from transformers import AutoModelForCausalLM
+
+        config = json.loads((Path(path) / "config.json").read_text())
+        tensors = {}
+        for shard in sorted(Path(path).glob("*.safetensors")):
+            tensors.update(load_file(shard))
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation="eager", ignore_mismatched_sizes=True
+        )
+        for i, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            g_proj = tensors[f"model.layers.{i}.self_attn.g_proj.weight"]
+            attn.g_proj = torch.nn.Linear(g_proj.shape[1], g_proj.shape[0], bias=False, dtype=dtype)
+            attn.g_proj.weight.data.copy_(g_proj)
+            attn.gate_per_head = g_proj.shape[0] == attn.num_heads
+            sink = tensors.get(f"model.layers.{i}.self_attn.sink")
+            if sink is not None:
+                assert config["swa_attention_sink_enabled"] and config["layer_types"][i] == "sliding_attention"
+                attn.sink = torch.nn.Parameter(sink.to(dtype), requires_grad=False)
+        return model
+
+
+@pytest.fixture
+def reference_attention(monkeypatch):
+    from transformers.models.laguna import modeling_laguna
+
+    monkeypatch.setattr(modeling_laguna, "eager_attention_forward", attention_with_sink)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return prompts_for(512, PROMPT_LENGTHS)
+
+
+def test_attention_sinks_match_the_reference(tmp_path, prompts, reference_attention):
+    ckpt = build_laguna(tmp_path / "sinks", swa_attention_sink=True)
+    expected = hf_greedy(ckpt, prompts, model_cls=LagunaReference)
+    assert_parity(expected, vllm_greedy(ckpt, prompts))
+    # the sinks matter: without them the reference decodes otherwise
+    rewrite_tensors(ckpt, lambda t: {n: v for n, v in t.items() if not n.endswith(".sink")})
+    assert [g.tokens for g in hf_greedy(ckpt, prompts, model_cls=LagunaReference)] != [g.tokens for g in expected]
+
+
+def test_per_layer_gate_kinds_match_the_reference(tmp_path, prompts, reference_attention):
+    ckpt = build_laguna(tmp_path / "mixed", gating=True, gating_types=MIXED_GATES)
+    assert_parity(hf_greedy(ckpt, prompts, model_cls=LagunaReference), vllm_greedy(ckpt, prompts))
+
+
+def _load(ckpt):
+    vllm_greedy(ckpt, [[40, 41, 42]], max_new_tokens=1)
+
+
+def test_gate_weight_contradicting_gating_types(tmp_path):
+    ckpt = build_laguna(tmp_path / "ckpt", gating=True, gating_types=MIXED_GATES)
+    edit_config(ckpt, gating_types=["per-element", "per-element", "per-element", "per-head"])
+    with pytest.raises(Exception, match=r"layers\.1\.self_attn\.g_proj\.weight has 8 rows; config `gating_types\[1\]`"):
+        _load(ckpt)
+
+
+def test_missing_sink(tmp_path):
+    ckpt = build_laguna(tmp_path / "ckpt", swa_attention_sink=True)
+    rewrite_tensors(ckpt, lambda t: {n: v for n, v in t.items() if n != "model.layers.2.self_attn.sink"})
+    with pytest.raises(Exception, match=r"missing tensors: model\.layers\.2\.self_attn\.sink"):
+        _load(ckpt)
+
+
+def test_sink_without_the_config_key(tmp_path):
+    ckpt = build_laguna(tmp_path / "ckpt", swa_attention_sink=True)
+    edit_config(ckpt, swa_attention_sink_enabled=False)
+    with pytest.raises(Exception, match=r"model\.layers\.1\.self_attn\.sink"):
+        _load(ckpt)

@@ -1,0 +1,264 @@
+"""Every vLLM symbol this package uses, pinned in one place.
+
+``PINS`` lists each ``module:Name`` that ``vllm_laguna`` imports from vLLM, with the members
+of it the package relies on: keyword arguments it passes, attributes it reads, methods it
+overrides. ``HOOKS`` lists the places where vLLM itself reads, by name, a hook this package
+implements (a renamed hook would otherwise be silently ignored). A new vLLM that moves or
+renames any of them fails here, naming it, before any model test does.
+
+The tests check the pins three ways: every symbol imports from the installed vLLM (0.32);
+every import in ``vllm_laguna`` is pinned (so the list cannot fall behind the code); and
+every symbol and member resolves in a vLLM *source tree*, statically (``tests/vllm_source.py``).
+The installed tree is always checked; more trees are checked when named in
+``VLLM_SOURCE_TREES`` (``os.pathsep``-separated ``vllm`` package directories), which is how
+vLLM 0.33, a CUDA-only wheel that cannot be installed on these machines, is checked from its
+unpacked wheel::
+
+    pip download --no-deps vllm==0.33.0 -d /tmp/vllm033 && (cd /tmp/vllm033 && unzip -q vllm-*.whl)
+    VLLM_SOURCE_TREES=/tmp/vllm033/vllm python -m pytest tests/test_vllm_api.py
+
+A member written ``name@0.33`` is required from that version on (a hook older vLLMs do not
+call yet).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from vllm_source import SourceTree
+
+PACKAGE = Path(__file__).resolve().parents[1] / "vllm_laguna"
+
+_PROTOCOL = "vllm.entrypoints.generate.base.protocol"
+_LINEAR = "vllm.model_executor.layers.linear"
+_MAMBA_UTILS = "vllm.model_executor.layers.mamba.mamba_utils"
+
+#: ``module:Name`` -> the members of it the package uses
+PINS: dict[str, tuple[str, ...]] = {
+    # plugin registration
+    "vllm:ModelRegistry": ("register_model", "models"),
+    "vllm.reasoning:ReasoningParserManager": ("register_lazy_module",),
+    "vllm.tool_parsers:ToolParserManager": ("register_lazy_module",),
+    # the demo
+    "vllm:LLM": ("model", "chat"),
+    "vllm.engine.arg_utils:EngineArgs": ("dtype", "enforce_eager", "max_model_len"),  # LLM(**kwargs)
+    "vllm:SamplingParams": ("temperature", "max_tokens"),
+    # config objects the models read
+    "vllm.config:VllmConfig": (
+        "model_config", "cache_config", "quant_config", "parallel_config", "compilation_config",
+        "num_speculative_tokens",
+    ),
+    "vllm.config:ModelConfig": ("dtype", "hf_config", "hf_text_config"),
+    "vllm.config:CacheConfig": ("mamba_cache_dtype", "block_size"),
+    "vllm.config:get_current_vllm_config": (),
+    "vllm.config.compilation:CompilationConfig": ("custom_ops", "splitting_ops", "static_forward_context"),
+    "vllm.config.parallel:ParallelConfig": ("tensor_parallel_size",),
+    "vllm.distributed:divide": (),
+    "vllm.distributed:get_tensor_model_parallel_world_size": (),
+    "vllm.compilation.decorators:support_torch_compile": (),
+    "vllm.compilation.breakable_cudagraph:eager_break_during_capture": (),
+    "vllm.forward_context:get_forward_context": (),
+    "vllm.forward_context:ForwardContext": ("attn_metadata", "no_compile_layers"),
+    "vllm.sequence:IntermediateTensors": (),
+    "vllm.logger:init_logger": (),
+    "vllm.utils.torch_utils:direct_register_custom_op": ("op_name", "op_func", "mutates_args", "fake_impl"),
+    # layers
+    "vllm.model_executor.layers.activation:SiluAndMul": (),
+    "vllm.model_executor.layers.attention:Attention": (
+        "num_heads", "head_size", "scale", "num_kv_heads", "cache_config", "quant_config",
+        "per_layer_sliding_window", "prefix",
+    ),
+    "vllm.model_executor.layers.attention:ChunkedLocalAttention": ("attention_chunk_size",),
+    # Attention passes `sinks=` through to the backend: the backends that run ours take it
+    "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl": ("sinks",),
+    "vllm.v1.attention.backends.flash_attn:FlashAttentionImpl": ("sinks",),
+    "vllm.model_executor.layers.layernorm:RMSNorm": ("hidden_size", "eps", "has_weight"),
+    f"{_LINEAR}:ColumnParallelLinear": ("bias", "quant_config", "prefix", "weight_loader", "quant_method"),
+    f"{_LINEAR}:MergedColumnParallelLinear": ("bias", "quant_config", "prefix"),
+    f"{_LINEAR}:QKVParallelLinear": ("bias", "quant_config", "prefix"),
+    f"{_LINEAR}:ReplicatedLinear": ("bias", "quant_config", "prefix"),
+    f"{_LINEAR}:RowParallelLinear": ("bias", "quant_config", "prefix", "reduce_results"),
+    f"{_LINEAR}:UnquantizedLinearMethod": (),
+    "vllm.model_executor.layers.logits_processor:LogitsProcessor": ("vocab_size",),
+    "vllm.model_executor.layers.quantization:QuantizationConfig": (),
+    "vllm.model_executor.layers.rotary_embedding:get_rope": (
+        "head_size", "max_position", "is_neox_style", "rope_parameters",
+    ),
+    "vllm.model_executor.layers.vocab_parallel_embedding:ParallelLMHead": ("quant_config", "prefix", "tie_weights"),
+    "vllm.model_executor.layers.vocab_parallel_embedding:VocabParallelEmbedding": (
+        "num_embeddings", "embedding_dim", "prefix",
+    ),
+    # fused MoE with our routers
+    "vllm.model_executor.layers.fused_moe:FusedMoEFactory": (
+        "num_experts", "top_k", "hidden_size", "intermediate_size", "renormalize", "quant_config", "prefix",
+        "router", "scoring_func", "shared_experts", "apply_router_weight_on_input",
+        "is_fused_checkpoint_transposed", "routed_input_transform", "routed_output_transform",
+    ),
+    "vllm.model_executor.layers.fused_moe:GateLinear": ("bias", "out_dtype", "quant_config", "prefix"),
+    "vllm.model_executor.layers.fused_moe.config:RoutingMethodType": ("Custom",),
+    "vllm.model_executor.layers.fused_moe.router.base_router:BaseRouter": (
+        "top_k", "global_num_experts", "_compute_routing", "routing_method_type",
+        "supports_monolithic_kernels@0.33",
+    ),
+    # weights
+    "vllm.model_executor.model_loader.weight_utils:sharded_weight_loader": (),
+    "vllm.model_executor.utils:set_weight_attrs": (),
+    "vllm.model_executor.models.utils:AutoWeightsLoader": ("load_weights",),
+    "vllm.model_executor.models.utils:WeightsMapper": (
+        "orig_to_new_prefix", "orig_to_new_substr", "orig_to_new_stacked", "apply",
+    ),
+    "vllm.model_executor.models.utils:maybe_prefix": (),
+    # model interfaces
+    "vllm.model_executor.models.interfaces:SupportsQuant": (),
+    "vllm.model_executor.models.interfaces:HasInnerState": (),
+    "vllm.model_executor.models.interfaces:IsHybrid": (
+        "get_mamba_state_shape_from_config", "get_mamba_state_copy_func",
+    ),
+    # LFM2's conv state in vLLM's mamba cache
+    "vllm.model_executor.layers.mamba.abstract:MambaBase": ("get_state_shape", "get_state_dtype", "mamba_type"),
+    f"{_MAMBA_UTILS}:MambaStateShapeCalculator": ("short_conv_state_shape",),
+    f"{_MAMBA_UTILS}:MambaStateDtypeCalculator": ("short_conv_state_dtype",),
+    f"{_MAMBA_UTILS}:MambaStateCopyFuncCalculator": ("short_conv_state_copy_func",),
+    f"{_MAMBA_UTILS}:is_conv_state_dim_first": (),
+    "vllm.v1.attention.backends.registry:MambaAttentionBackendEnum": ("SHORT_CONV",),
+    "vllm.v1.attention.backends.short_conv_attn:ShortConvAttentionMetadata": (
+        "num_decodes", "num_decode_tokens", "num_prefills", "num_prefill_tokens", "state_indices_tensor_d",
+        "state_indices_tensor_p", "query_start_loc_p", "has_initial_states_p",
+    ),
+    # parsers
+    "vllm.reasoning.abs_reasoning_parsers:ReasoningParser": (
+        "vocab", "model_tokenizer", "reasoning_start_str", "reasoning_end_str", "is_reasoning_end",
+        "is_reasoning_end_streaming", "extract_content_ids", "count_reasoning_tokens",
+        "adjust_initial_state_from_prompt", "adjust_request", "extract_reasoning", "extract_reasoning_streaming",
+    ),
+    "vllm.tool_parsers.abstract_tool_parser:ToolParser": (
+        "vocab", "tools", "supports_required_and_named", "default_tool_strict_level", "adjust_request",
+        "extract_tool_calls", "extract_tool_calls_streaming",
+    ),
+    "vllm.tool_parsers.abstract_tool_parser:Tool": (),
+    "vllm.tokenizers:TokenizerLike": (),
+    "vllm.renderers.chat_utils:make_tool_call_id": (),
+    "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest": (
+        "skip_special_tokens", "tools", "tool_choice", "chat_template_kwargs", "reasoning_effort",
+    ),
+    "vllm.entrypoints.openai.responses.protocol:ResponsesRequest": (),
+    f"{_PROTOCOL}:DeltaMessage": ("reasoning", "content", "tool_calls"),
+    f"{_PROTOCOL}:DeltaToolCall": ("index", "id", "type", "function"),
+    f"{_PROTOCOL}:DeltaFunctionCall": ("name", "arguments"),
+    f"{_PROTOCOL}:ExtractedToolCallInformation": ("tools_called", "tool_calls", "content"),
+    f"{_PROTOCOL}:FunctionCall": ("name", "arguments"),
+    f"{_PROTOCOL}:ToolCall": ("function",),
+}
+
+#: (module, attribute name) where vLLM reads a hook of ours by name
+HOOKS: tuple[tuple[str, str], ...] = (
+    # the delegating parser tells our tool parser that no reasoning parser runs
+    ("vllm.parser.abstract_parser", "skip_reasoning_parsing"),
+    # the engine core's structured-output gate asks our reasoning parser where reasoning ends
+    ("vllm.v1.structured_output", "is_reasoning_end"),
+    ("vllm.v1.structured_output", "is_reasoning_end_streaming"),
+    # LFM2's conv-state dtype before the model exists (IsHybrid does not declare it)
+    ("vllm.platforms.interface", "get_mamba_state_dtype_from_config"),
+    # our routers refuse monolithic MoE kernels
+    ("vllm.model_executor.layers.fused_moe.layer", "supports_monolithic_kernels@0.33"),
+)
+
+
+def _split(pinned: str) -> tuple[str, tuple[int, ...]]:
+    name, _, since = pinned.partition("@")
+    return name, tuple(int(p) for p in since.split(".")) if since else ()
+
+
+def _tree_version(tree: SourceTree) -> tuple[int, ...]:
+    text = (tree.root / "_version.py").read_text()
+    match = re.search(r"__version__ = version = '(\d+)\.(\d+)", text)
+    assert match, f"no __version__ in {tree.root / '_version.py'}"
+    return tuple(int(g) for g in match.groups())
+
+
+def _package_imports() -> set[str]:
+    found = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "vllm":
+                found.update(f"{node.module}:{alias.name}" for alias in node.names)
+    return found
+
+
+def test_every_vllm_import_of_the_package_is_pinned():
+    unpinned = sorted(_package_imports() - PINS.keys())
+    assert not unpinned, "vllm_laguna imports vLLM symbols not pinned in PINS: " + ", ".join(unpinned)
+
+
+@pytest.mark.parametrize("symbol", sorted(PINS))
+def test_pinned_symbol_imports_from_the_installed_vllm(symbol):
+    module, name = symbol.split(":")
+    assert getattr(importlib.import_module(module), name) is not None
+
+
+def _trees() -> list[str]:
+    import vllm
+
+    extra = [p for p in os.environ.get("VLLM_SOURCE_TREES", "").split(os.pathsep) if p]
+    return [str(Path(vllm.__file__).parent), *extra]
+
+
+@pytest.mark.parametrize("root", _trees())
+def test_pins_resolve_in_the_source_tree(root):
+    """Each symbol resolves and has each pinned member, in the installed tree and in every
+    tree of ``VLLM_SOURCE_TREES``; each hook name is still read where vLLM reads it."""
+    tree = SourceTree(root)
+    version = _tree_version(tree)
+    problems = []
+    for symbol, members in PINS.items():
+        module, name = symbol.split(":")
+        definition = tree.resolve(module, name)
+        if definition is None:
+            problems.append(f"{symbol}: not found")
+            continue
+        for pinned in members:
+            member, since = _split(pinned)
+            if version >= since and not tree.has_member(definition, member):
+                problems.append(f"{symbol}: no member {member!r}")
+    for module, pinned in HOOKS:
+        hook, since = _split(pinned)
+        path = tree.module_path(module)
+        if version >= since and (path is None or hook not in path.read_text()):
+            problems.append(f"{module}: no longer reads {hook!r}")
+    assert not problems, f"vLLM {'.'.join(map(str, version))} at {root}:\n  " + "\n  ".join(problems)
+
+
+def test_the_source_checker_sees_what_is_missing():
+    """The static checker is not vacuous: a made-up symbol, member and keyword are reported."""
+    import vllm
+
+    tree = SourceTree(Path(vllm.__file__).parent)
+    assert tree.resolve("vllm.model_executor.layers.fused_moe", "NoSuchFactory") is None
+    router = tree.resolve("vllm.model_executor.layers.fused_moe.router.base_router", "BaseRouter")
+    assert tree.has_member(router, "top_k") and not tree.has_member(router, "no_such_member")
+    attention = tree.resolve("vllm.model_executor.layers.attention", "Attention")
+    assert tree.has_member(attention, "per_layer_sliding_window")
+    assert not tree.has_member(attention, "sinks")  # a **kwargs pass-through: pinned on the backends
+
+
+def test_our_routers_refuse_monolithic_kernels():
+    """vLLM 0.33 sets ``require_decomposed_backend`` from ``not router.supports_monolithic_kernels``
+    (pinned in HOOKS), which keeps every monolithic expert kernel, routing on its own, away."""
+    import torch
+    from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
+
+    from vllm_laguna.model_executor.layers.routing import Llama4TopKRouter, SigmoidTopKRouter
+
+    routers = [
+        SigmoidTopKRouter(top_k=2, num_experts=8, correction_bias=torch.zeros(8), softcap=0.0, routed_scaling_factor=1.0),
+        Llama4TopKRouter(top_k=2, global_num_experts=8),
+    ]
+    for router in routers:
+        assert router.supports_monolithic_kernels is False
+        assert router.routing_method_type == RoutingMethodType.Custom
