@@ -152,22 +152,82 @@ def vllm_run(
     """:func:`vllm_greedy`, and ``inspect(model)`` run on the loaded model (via
     ``LLM.apply_model``) before generating; ``prompt_logprobs`` fills ``Greedy.prompt_top5``.
     Returns ``(greedy results, inspect result)``."""
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     llm = LLM(**engine_kwargs(model_dir, dtype, **llm_kwargs))
     try:
         inspected = llm.apply_model(inspect)[0] if inspect is not None else None
-        params = SamplingParams(
-            temperature=0.0,
-            max_tokens=max_new_tokens,
-            logprobs=num_logprobs,
-            prompt_logprobs=5 if prompt_logprobs else None,
-            ignore_eos=True,
-        )
-        outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        greedy = generate_greedy(llm, prompts, max_new_tokens, num_logprobs, prompt_logprobs)
     finally:
         shutdown(llm)
-    return [Greedy.from_output(o, num_logprobs) for o in outputs], inspected
+    return greedy, inspected
+
+
+def generate_greedy(
+    llm, prompts: Sequence[Sequence[int]], max_new_tokens: int, num_logprobs: int = 5, prompt_logprobs: bool = False
+) -> list[Greedy]:
+    """Greedy continuations of ``prompts`` from a running ``LLM``, with top-``num_logprobs``
+    (and the prompt's top-5 with ``prompt_logprobs``)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=max_new_tokens,
+        logprobs=num_logprobs,
+        prompt_logprobs=5 if prompt_logprobs else None,
+        ignore_eos=True,
+    )
+    outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+    return [Greedy.from_output(o, num_logprobs) for o in outputs]
+
+
+@dataclass
+class SpecStats:
+    """vLLM's speculative-decoding counters of one engine run."""
+
+    num_drafts: int
+    num_draft_tokens: int
+    #: accepted draft tokens by position in the draft (first, second, ...)
+    accepted_per_position: list[int]
+
+    @property
+    def acceptance_rate(self) -> float:
+        return sum(self.accepted_per_position) / max(self.num_draft_tokens, 1)
+
+    def __str__(self) -> str:
+        return (
+            f"acceptance {sum(self.accepted_per_position)}/{self.num_draft_tokens} draft tokens "
+            f"({self.acceptance_rate:.1%}) in {self.num_drafts} drafts, by position {self.accepted_per_position}"
+        )
+
+
+def vllm_spec_run(
+    model_dir: str | Path,
+    prompts: Sequence[Sequence[int]],
+    speculative_config: dict,
+    max_new_tokens: int = 32,
+    dtype: str = "float32",
+    **llm_kwargs,
+) -> tuple[list[Greedy], SpecStats]:
+    """:func:`vllm_greedy` with speculative decoding, and the engine's acceptance counters."""
+    from vllm import LLM
+
+    llm = LLM(
+        **engine_kwargs(
+            model_dir, dtype, speculative_config=speculative_config, disable_log_stats=False, **llm_kwargs
+        )
+    )
+    try:
+        greedy = generate_greedy(llm, prompts, max_new_tokens, num_logprobs=5)
+        counters = {m.name.removeprefix("vllm:spec_decode_"): m for m in llm.get_metrics()}
+    finally:
+        shutdown(llm)
+    stats = SpecStats(
+        num_drafts=int(counters["num_drafts"].value),
+        num_draft_tokens=int(counters["num_draft_tokens"].value),
+        accepted_per_position=[int(v) for v in counters["num_accepted_tokens_per_pos"].values],
+    )
+    return greedy, stats
 
 
 def load_error(model_dir: str | Path, dtype: str = "bfloat16", **llm_kwargs) -> str:

@@ -77,13 +77,17 @@ PINS: dict[str, tuple[str, ...]] = {
     # config objects the models read
     "vllm.config:VllmConfig": (
         "model_config", "cache_config", "quant_config", "parallel_config", "compilation_config",
-        "num_speculative_tokens", "structured_outputs_config", "lora_config",
+        "num_speculative_tokens", "structured_outputs_config", "lora_config", "speculative_config",
     ),
-    "vllm.config:ModelConfig": ("dtype", "hf_config", "hf_text_config", "architecture"),
+    "vllm.config:ModelConfig": (
+        "dtype", "hf_config", "hf_text_config", "architecture", "get_total_num_hidden_layers", "get_vocab_size",
+        "get_hidden_size",
+    ),
     "vllm.config:CacheConfig": (
         "mamba_cache_dtype", "block_size", "kv_cache_memory_bytes", "gpu_memory_utilization", "cache_dtype",
     ),
     "vllm.config.structured_outputs:StructuredOutputsConfig": ("reasoning_parser",),
+    "vllm.config.speculative:SpeculativeConfig": ("draft_model_config",),
     "vllm.config:get_current_vllm_config": (),
     "vllm.config.compilation:CompilationConfig": ("custom_ops", "splitting_ops", "static_forward_context"),
     "vllm.config.parallel:ParallelConfig": ("tensor_parallel_size", "enable_eplb", "eplb_config"),
@@ -91,6 +95,8 @@ PINS: dict[str, tuple[str, ...]] = {
     "vllm.config.lora:LoRAConfig": ("target_modules",),
     "vllm.distributed:divide": (),
     "vllm.distributed:get_tensor_model_parallel_world_size": (),
+    "vllm.distributed:get_pp_group": (),
+    "vllm.distributed.parallel_state:GroupCoordinator": ("is_first_rank", "is_last_rank"),
     "vllm.compilation.decorators:support_torch_compile": (),
     "vllm.compilation.breakable_cudagraph:eager_break_during_capture": (),
     "vllm.forward_context:get_forward_context": (),
@@ -103,16 +109,18 @@ PINS: dict[str, tuple[str, ...]] = {
     "vllm.model_executor.layers.attention:Attention": (
         "num_heads", "head_size", "scale", "num_kv_heads", "cache_config", "quant_config",
         "per_layer_sliding_window", "prefix",
+        # a DFlash drafter writes context K/V into its layers' caches itself
+        "kv_cache", "impl", "layer_name", "sliding_window",
     ),
     "vllm.model_executor.layers.attention:ChunkedLocalAttention": ("attention_chunk_size",),
     # Attention passes `sinks=` through to the backend: the backends that run ours take it
-    "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl": ("sinks",),
-    "vllm.v1.attention.backends.flash_attn:FlashAttentionImpl": ("sinks",),
+    "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl": ("sinks", "do_kv_cache_update"),
+    "vllm.v1.attention.backends.flash_attn:FlashAttentionImpl": ("sinks", "do_kv_cache_update"),
     "vllm.model_executor.layers.layernorm:RMSNorm": ("hidden_size", "eps", "has_weight"),
     f"{_LINEAR}:ColumnParallelLinear": ("bias", "quant_config", "prefix", "weight_loader", "quant_method"),
     f"{_LINEAR}:MergedColumnParallelLinear": ("bias", "quant_config", "prefix"),
     f"{_LINEAR}:QKVParallelLinear": ("bias", "quant_config", "prefix"),
-    f"{_LINEAR}:ReplicatedLinear": ("bias", "quant_config", "prefix"),
+    f"{_LINEAR}:ReplicatedLinear": ("bias", "quant_config", "prefix", "return_bias"),
     f"{_LINEAR}:RowParallelLinear": ("bias", "quant_config", "prefix", "reduce_results"),
     f"{_LINEAR}:UnquantizedLinearMethod": (),
     # the CPU bf16 linear (layers/cpu_gemm.py): vLLM's oneDNN handler over an fp32 copy
@@ -164,15 +172,17 @@ PINS: dict[str, tuple[str, ...]] = {
         "orig_to_new_prefix", "orig_to_new_substr", "orig_to_new_stacked", "apply",
     ),
     "vllm.model_executor.models.utils:maybe_prefix": (),
-    # the CPU bf16 linear (layers/cpu_gemm.py)
-    "vllm:_custom_ops": ("_supports_onednn", "create_onednn_mm"),
-    f"{_LINEAR}:LinearBase": (),
-    "vllm.model_executor.layers.vocab_parallel_embedding:UnquantizedEmbeddingMethod": (),
     # EPLB: the per-layer state our routers carry, vLLM's initial expert arrangement
     "vllm.distributed.eplb.eplb_state:EplbLayerState": ("set_layer_state",),
     "vllm.distributed.eplb.eplb_state:EplbState": ("build_initial_global_physical_to_logical_map",),
     # LoRA: vLLM's own matching of lora_target_modules
     "vllm.lora.utils:is_in_target_modules": (),
+    # pipeline parallelism
+    "vllm.model_executor.models.utils:PPMissingLayer": (),
+    "vllm.model_executor.models.utils:make_layers": (),
+    "vllm.model_executor.models.utils:extract_layer_index": (),
+    "vllm.model_executor.models.utils:make_empty_intermediate_tensors_factory": (),
+    "vllm.model_executor.models.utils:spec_decode_needs_target_embed": (),
     # model interfaces
     "vllm.model_executor.models.interfaces:SupportsQuant": (),
     "vllm.model_executor.models.interfaces:SupportsLoRA": ("packed_modules_mapping", "embedding_modules"),
@@ -180,6 +190,24 @@ PINS: dict[str, tuple[str, ...]] = {
         "moe_layers", "num_moe_layers", "num_logical_experts", "num_physical_experts", "num_local_physical_experts",
         "num_redundant_experts", "set_eplb_state", "update_physical_experts_metadata",
     ),
+    "vllm.model_executor.models.interfaces:SupportsPP": ("make_empty_intermediate_tensors",),
+    # speculative-decoding targets
+    "vllm.model_executor.models.interfaces:SupportsEagle": (),
+    "vllm.model_executor.models.interfaces:SupportsEagle3": (
+        "set_aux_hidden_state_layers", "get_eagle3_default_aux_hidden_state_layers",
+    ),
+    "vllm.model_executor.models.interfaces:EagleModelMixin": (
+        "start_layer", "supports_aux_hidden_states_over_pp", "_maybe_add_hidden_state",
+        "pack_local_aux_hidden_states", "collect_remote_aux_hidden_states",
+    ),
+    # the Laguna DFlash drafter
+    "vllm.model_executor.models.qwen3_dflash:DFlashQwen3ForCausalLM": (
+        "combine_hidden_states", "precompute_and_store_context_kv", "get_draft_kv_cache_layer_names",
+        "get_draft_attn_causal", "compute_logits", "embed_input_ids",
+    ),
+    "vllm.model_executor.models.qwen3_dflash:dflash_has_any_non_causal": (),
+    "vllm.model_executor.models.utils:get_draft_quant_config": (),
+    "vllm.model_executor.models.utils:process_eagle_weight": (),
     "vllm.model_executor.models.interfaces:HasInnerState": (),
     "vllm.model_executor.models.interfaces:IsHybrid": (
         "get_mamba_state_shape_from_config", "get_mamba_state_copy_func",
@@ -244,6 +272,13 @@ HOOKS: tuple[tuple[str, str], ...] = (
     ("vllm.lora.utils", "packed_modules_mapping"),
     ("vllm.lora.worker_manager", "hf_to_vllm_mapper"),
     ("vllm.distributed.eplb.eplb_state", "num_redundant_experts"),
+    # speculative decoding: the runner asks the target for aux hidden states, the DFlash
+    # proposer drives the drafter, and the V1 proposer accepts drafters of vLLM's DFlash class
+    ("vllm.v1.worker.gpu_model_runner", "set_aux_hidden_state_layers"),
+    ("vllm.v1.worker.gpu_model_runner", "make_empty_intermediate_tensors"),
+    ("vllm.v1.spec_decode.dflash", "precompute_and_store_context_kv"),
+    ("vllm.v1.spec_decode.llm_base_proposer", "combine_hidden_states"),
+    ("vllm.v1.spec_decode.llm_base_proposer", "DFlashQwen3ForCausalLM"),
 )
 
 

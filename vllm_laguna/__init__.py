@@ -13,6 +13,7 @@ _MODELS_PKG = "vllm_laguna.model_executor.models"
 #: architecture name -> "module:Class"; these replace vLLM's in-tree classes.
 MODELS = {
     "LagunaForCausalLM": f"{_MODELS_PKG}.laguna:LagunaForCausalLM",
+    "DFlashLagunaForCausalLM": f"{_MODELS_PKG}.laguna_dflash:LagunaDFlashForCausalLM",
     "Lfm2ForCausalLM": f"{_MODELS_PKG}.lfm2:Lfm2ForCausalLM",
     "Llama4ForCausalLM": f"{_MODELS_PKG}.llama4:Llama4ForCausalLM",
 }

@@ -253,3 +253,124 @@ def _save_via_transformers(out: Path, spec: LagunaTiny) -> None:
     # transformers has no attention sink: the sinks keep their (only) name
     state.update({name: tensor for name, tensor in hub.items() if name.endswith(".self_attn.sink")})
     save_checkpoint(out, spec.config(), state, generation={"eos_token_id": [2, 24]})
+
+
+#: an otherwise unused id of the tiny tokenizer (a reserved filler) for DFlash's mask token
+DFLASH_MASK_TOKEN_ID = 31
+
+
+@dataclass
+class LagunaDFlashTiny:
+    """Options of a tiny DFlash drafter for a tiny Laguna target, in the layout of poolside's
+    ``Laguna-*-DFlash`` checkpoints, which vLLM serves as ``DFlashLagunaForCausalLM``.
+
+    The drafter is a small Laguna decoder: every layer ``sliding_attention`` with a per-head
+    output gate and a dense SwiGLU. It has no embedding and no LM head of its own (it shares
+    the target's), and reads the target's residual stream after each layer of
+    ``dflash_config.target_layer_ids``: each captured slice is RMS-normed
+    (``aux_hidden_norms.{j}``), the concatenation projected by ``fc`` [H, n_aux * H] and normed
+    (``hidden_norm``). Tensor names carry no ``model.`` prefix; ``qkv_proj`` is stored fused.
+    ``config.json`` repeats the capture points as ``eagle_aux_hidden_state_layer_ids``
+    (target_layer_ids + 1, the index of the layer whose input the capture is).
+    """
+
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 96
+    sliding_window: int = 16
+    rope_parameters: dict[str, Any] = field(
+        default_factory=lambda: {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    )
+    #: target layers whose output the drafter reads (one per drafter layer, as published)
+    target_layer_ids: list[int] = field(default_factory=lambda: [0, 2])
+    #: DFlash block: the anchor token and block_size - 1 masked positions
+    block_size: int = 4
+    mask_token_id: int = DFLASH_MASK_TOKEN_ID
+    weight_std: float = 0.08
+    dtype: str = "float32"
+    seed: int = 1
+
+    def config(self, target: LagunaTiny) -> dict[str, Any]:
+        n = self.num_layers
+        return {
+            "architectures": ["DFlashLagunaForCausalLM"],
+            "model_type": "laguna",
+            "vocab_size": target.vocab_size,
+            "draft_vocab_size": target.vocab_size,
+            "hidden_size": target.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": n,
+            "num_attention_heads": self.num_heads,
+            "num_attention_heads_per_layer": [self.num_heads] * n,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "layer_types": ["sliding_attention"] * n,
+            "sliding_window": self.sliding_window,
+            "mlp_layer_types": ["dense"] * n,
+            "gating": "per-head",
+            "rope_theta": 10000.0,
+            "rope_parameters": self.rope_parameters,
+            "max_position_embeddings": target.max_position_embeddings,
+            "rms_norm_eps": 1e-6,
+            "attention_bias": False,
+            "tie_word_embeddings": False,
+            "eagle_aux_hidden_state_layer_ids": [i + 1 for i in self.target_layer_ids],
+            "dflash_config": {
+                "block_size": self.block_size,
+                "mask_token_id": self.mask_token_id,
+                "target_layer_ids": list(self.target_layer_ids),
+                "num_target_layers": target.num_layers,
+                "causal": True,
+            },
+            "dtype": self.dtype,
+        }
+
+    def state_dict(self, target: LagunaTiny) -> dict[str, torch.Tensor]:
+        w = RandomWeights(self.seed, self.weight_std)
+        H, D = target.hidden_size, self.head_dim
+        qkv_rows = (self.num_heads + 2 * self.num_kv_heads) * D
+        sd = {
+            "fc.weight": w.normal(H, len(self.target_layer_ids) * H),
+            "hidden_norm.weight": w.norm(H),
+            "norm.weight": w.norm(H),
+        }
+        for j in range(len(self.target_layer_ids)):
+            sd[f"aux_hidden_norms.{j}.weight"] = w.norm(H)
+        for i in range(self.num_layers):
+            p = f"layers.{i}"
+            sd[f"{p}.input_layernorm.weight"] = w.norm(H)
+            sd[f"{p}.post_attention_layernorm.weight"] = w.norm(H)
+            sd[f"{p}.self_attn.qkv_proj.weight"] = w.normal(qkv_rows, H)
+            sd[f"{p}.self_attn.o_proj.weight"] = w.normal(H, self.num_heads * D)
+            sd[f"{p}.self_attn.g_proj.weight"] = w.normal(self.num_heads, H)
+            sd[f"{p}.self_attn.q_norm.weight"] = w.norm(D)
+            sd[f"{p}.self_attn.k_norm.weight"] = w.norm(D)
+            sd.update(_swiglu(w, f"{p}.mlp", H, self.intermediate_size))
+        dtype = getattr(torch, self.dtype)
+        return {k: v.to(dtype) for k, v in sd.items()}
+
+
+def build_laguna_dflash(
+    out_dir: str | Path,
+    target: LagunaTiny | None = None,
+    spec: LagunaDFlashTiny | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    **options: Any,
+) -> Path:
+    """Write a tiny DFlash drafter checkpoint for the target ``target`` (default
+    :class:`LagunaTiny`) to ``out_dir``: random weights, or ``state_dict``; ``options``
+    override fields of ``spec``."""
+    target = target or LagunaTiny()
+    spec = dataclasses.replace(spec or LagunaDFlashTiny(), **options)
+    bad = [i for i in spec.target_layer_ids if not 0 <= i < target.num_layers]
+    if len(spec.target_layer_ids) != spec.num_layers or bad:
+        raise ValueError(
+            f"target_layer_ids: expected {spec.num_layers} target layer indices in [0, {target.num_layers}) "
+            f"(got {spec.target_layer_ids})"
+        )
+    out = Path(out_dir)
+    save_checkpoint(out, spec.config(target), spec.state_dict(target) if state_dict is None else state_dict)
+    return out

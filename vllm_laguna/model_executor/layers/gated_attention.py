@@ -140,12 +140,24 @@ class GatedAttention(nn.Module):
             param = self.g_proj.weight
         ColumnParallelLinear.weight_loader(self.g_proj, param, loaded)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    def _qkv(self, positions: torch.Tensor, hidden_states: torch.Tensor):
+        """q, k, v as attention takes them: q/k normed over head_dim, then rotated."""
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = self.heads.split_qkv(qkv)
         q = self.q_norm(q.reshape(-1, self.heads.num_heads, self.head_dim)).view(q.shape)
         k = self.k_norm(k.reshape(-1, self.heads.num_kv_heads, self.head_dim)).view(k.shape)
         q, k = self.rotary_emb(positions, q, k)
+        return q, k, v
+
+    def key_value(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values ``[T, KV_local * D]`` this layer would cache for
+        ``hidden_states`` (already normed) at ``positions`` — for K/V written straight into
+        the cache (a DFlash drafter's context)."""
+        _, k, v = self._qkv(positions, hidden_states)
+        return k, v
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._qkv(positions, hidden_states)
         out = self.attn(q, k, v)
         if self.gating != "none":
             gate, _ = self.g_proj(hidden_states)

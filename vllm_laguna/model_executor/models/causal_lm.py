@@ -1,10 +1,17 @@
 """The frame every model here shares: token embeddings, pre-norm residual layers, a final
-norm, an LM head.
+norm, an LM head — split into pipeline-parallel stages, and reporting the residual stream
+at chosen layers to an EAGLE-3/DFlash drafter.
 
 A model file defines its token mixer(s) and feed-forward, a ``PreNormDecoderLayer`` subclass
 holding them under their checkpoint names, a ``DecoderModel`` subclass (decorated with
 ``@support_torch_compile``) that builds ``arch``, ``embed_tokens``, ``layers`` and ``norm``,
 and a ``CausalLM`` subclass naming it in ``model_cls`` and mapping its checkpoint names.
+
+Pipeline parallelism follows vLLM's models: this rank builds only its slice of the layers
+(``make_layers``; the others are ``PPMissingLayer``, which vLLM's weight loader skips), the
+embedding on the first rank (and on the last when tied, or when a drafter there shares it),
+the final norm and LM head on the last rank. Between ranks the residual stream travels as
+``IntermediateTensors({"hidden_states", "residual"})``.
 """
 
 from collections.abc import Callable, Iterable
@@ -13,14 +20,28 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from vllm.config import VllmConfig
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.distributed import get_pp_group
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe import MoERunner
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.models.interfaces import MixtureOfExperts, SupportsLoRA, SupportsQuant
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.interfaces import (
+    EagleModelMixin,
+    MixtureOfExperts,
+    SupportsLoRA,
+    SupportsPP,
+    SupportsQuant,
+)
+from vllm.model_executor.models.utils import (
+    PPMissingLayer,
+    extract_layer_index,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+    spec_decode_needs_target_embed,
+)
 from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
@@ -76,21 +97,48 @@ class PreNormDecoderLayer(nn.Module):
         return getattr(self, self.ffn_name)(hidden_states), residual
 
 
-class DecoderModel(nn.Module):
+class DecoderModel(nn.Module, EagleModelMixin):
     """``embed_tokens -> layers -> norm``; each layer maps ``(positions, hidden, residual)`` to
     ``(hidden, residual)`` and the final RMSNorm adds the last residual (vLLM's fused add+norm).
 
     Subclasses (``__init__(*, vllm_config, prefix)``, decorated with ``@support_torch_compile``)
     parse their config into ``arch`` (with ``vocab_size``, ``hidden_size``, ``num_layers``,
     ``tie_word_embeddings``) and pass it with a layer factory ``make_layer(index, prefix)``.
+
+    On a pipeline-parallel rank only layers ``[start_layer, end_layer)`` exist. ``forward``
+    returns ``IntermediateTensors`` on every rank but the last; on the last it returns the
+    normed hidden states ``[T, H]`` — or ``(hidden, aux)`` once a drafter asked for aux hidden
+    states (``set_aux_hidden_state_layers``): ``aux[j]`` is the residual stream ``hidden +
+    residual`` ``[T, H]`` entering layer ``aux_hidden_state_layers[j]`` (index ``num_layers``:
+    after the last layer, before the final norm). Earlier ranks pack theirs into the
+    intermediate tensors under EagleModelMixin's keys for vLLM to relay to the last rank, as
+    vLLM's Llama does (not run here: see docs/DESIGN.md §12).
     """
+
+    supports_aux_hidden_states_over_pp = True
 
     def __init__(self, arch, make_layer: Callable[[int, str], nn.Module], norm_eps: float, prefix: str):
         super().__init__()
         self.arch = arch
-        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, prefix=f"{prefix}.embed_tokens")
-        self.layers = nn.ModuleList(make_layer(i, f"{prefix}.layers.{i}") for i in range(arch.num_layers))
-        self.norm = RMSNorm(arch.hidden_size, eps=norm_eps)
+        pp = get_pp_group()
+        self.is_first_rank, self.is_last_rank = pp.is_first_rank, pp.is_last_rank
+        needs_embedding = (
+            self.is_first_rank
+            or (arch.tie_word_embeddings and self.is_last_rank)
+            or spec_decode_needs_target_embed(get_current_vllm_config())
+        )
+        self.embed_tokens = (
+            VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, prefix=f"{prefix}.embed_tokens")
+            if needs_embedding
+            else PPMissingLayer()
+        )
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            arch.num_layers, lambda prefix: make_layer(extract_layer_index(prefix), prefix), prefix=f"{prefix}.layers"
+        )
+        self.norm = RMSNorm(arch.hidden_size, eps=norm_eps) if self.is_last_rank else PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states", "residual"], arch.hidden_size
+        )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -101,17 +149,29 @@ class DecoderModel(nn.Module):
         positions: torch.Tensor,
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual)
+    ) -> torch.Tensor | IntermediateTensors | tuple[torch.Tensor, list[torch.Tensor]]:
+        aux: list[torch.Tensor] = []
+        if self.is_first_rank:
+            hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
+            residual = None
+            self._maybe_add_hidden_state(aux, self.start_layer, hidden_states, residual)
+        else:
+            hidden_states, residual = intermediate_tensors["hidden_states"], intermediate_tensors["residual"]
+        for index in range(self.start_layer, self.end_layer):
+            hidden_states, residual = self.layers[index](positions, hidden_states, residual)
+            self._maybe_add_hidden_state(aux, index + 1, hidden_states, residual)
+        if not self.is_last_rank:
+            return IntermediateTensors(
+                {"hidden_states": hidden_states, "residual": residual, **self.pack_local_aux_hidden_states(aux)}
+            )
         hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        aux = self.collect_remote_aux_hidden_states(intermediate_tensors) + aux
+        return (hidden_states, aux) if aux else hidden_states
 
 
-class CausalLM(nn.Module, SupportsLoRA, SupportsQuant):
-    """vLLM's model interface around a :class:`DecoderModel`: LM head (tied or not) and logits.
+class CausalLM(nn.Module, SupportsLoRA, SupportsQuant, SupportsPP):
+    """vLLM's model interface around a :class:`DecoderModel`: LM head (tied or not, on the
+    last pipeline rank) and logits.
 
     LoRA: vLLM's LoRA manager wraps the parallel linear layers (and fused-MoE layers; see
     :mod:`vllm_laguna.model_executor.layers.experts`) after loading. Adapters name checkpoint
@@ -137,15 +197,19 @@ class CausalLM(nn.Module, SupportsLoRA, SupportsQuant):
         self.config = vllm_config.model_config.hf_config
         self.model = self.model_cls(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         arch = self.model.arch
-        self.lm_head = ParallelLMHead(
-            arch.vocab_size,
-            arch.hidden_size,
-            quant_config=vllm_config.quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
-        if arch.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        if self.model.is_last_rank:
+            self.lm_head = ParallelLMHead(
+                arch.vocab_size,
+                arch.hidden_size,
+                quant_config=vllm_config.quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if arch.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(arch.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
         check_model(vllm_config, self)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -157,7 +221,7 @@ class CausalLM(nn.Module, SupportsLoRA, SupportsQuant):
         positions: torch.Tensor,
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | IntermediateTensors | tuple[torch.Tensor, list[torch.Tensor]]:
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from vllm.compilation.decorators import support_torch_compile
-from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.config import CacheConfig, VllmConfig, get_current_vllm_config
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.fused_moe import GateLinear
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.models.interfaces import SupportsEagle3
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
 from vllm_laguna.configs.laguna import LagunaArch, parse_laguna_config
@@ -108,13 +109,19 @@ class LagunaSparseMoeBlock(nn.Module):
 
 
 class LagunaDecoderLayer(PreNormDecoderLayer):
-    def __init__(self, vllm_config: VllmConfig, arch: LagunaArch, layer: int, prefix: str):
+    def __init__(
+        self,
+        arch: LagunaArch,
+        layer: int,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+    ):
         super().__init__()
-        quant_config = vllm_config.quant_config
         self.self_attn = GatedAttention(
             arch,
             layer,
-            cache_config=vllm_config.cache_config,
+            cache_config=cache_config,
             quant_config=quant_config,
             prefix=f"{prefix}.self_attn",
         )
@@ -133,12 +140,22 @@ class LagunaModel(DecoderModel):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         arch = parse_laguna_config(vllm_config.model_config.hf_text_config)
         super().__init__(
-            arch, lambda i, p: LagunaDecoderLayer(vllm_config, arch, i, prefix=p), arch.rms_norm_eps, prefix
+            arch,
+            lambda i, p: LagunaDecoderLayer(arch, i, vllm_config.cache_config, vllm_config.quant_config, prefix=p),
+            arch.rms_norm_eps,
+            prefix,
         )
 
 
-class LagunaForCausalLM(MoECausalLM):
-    """vLLM entry point for ``LagunaForCausalLM`` checkpoints (Hub or transformers layout)."""
+class LagunaForCausalLM(MoECausalLM, SupportsEagle3):
+    """vLLM entry point for ``LagunaForCausalLM`` checkpoints (Hub or transformers layout).
+
+    A speculative-decoding target for EAGLE-3 and DFlash drafters (Laguna-XS.2's DFlash
+    drafter reads the residual stream after ``dflash_config.target_layer_ids``): the aux
+    hidden states come from the shared frame (:class:`DecoderModel`); without a layer list
+    from the drafter's config vLLM asks ``get_eagle3_default_aux_hidden_state_layers``
+    (SupportsEagle3's ``(2, L // 2, L - 3)``).
+    """
 
     model_cls = LagunaModel
     # transformers' save_pretrained layout -> the Hub layout our modules are named after.

@@ -24,6 +24,7 @@ import torch
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.models.interfaces import SupportsEagle, SupportsEagle3
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
 from vllm_laguna.configs.llama4 import Llama4Arch, check_chunk_fits_kv_blocks, parse_llama4_config
@@ -79,8 +80,12 @@ MULTIMODAL_PREFIXES = WeightsMapper(
 )
 
 
-class Llama4ForCausalLM(MoECausalLM):
-    """vLLM entry point for Llama 4 text checkpoints (and multimodal ones' text tower)."""
+class Llama4ForCausalLM(MoECausalLM, SupportsEagle, SupportsEagle3):
+    """vLLM entry point for Llama 4 text checkpoints (and multimodal ones' text tower).
+
+    A speculative-decoding target as vLLM's in-tree class (a ``LlamaForCausalLM``) is: EAGLE
+    needs nothing of the target, EAGLE-3 the aux hidden states of the shared frame.
+    """
 
     model_cls = Llama4Model
     # Fused experts keep their names: vLLM's fused-MoE loader splits (and, being stored
