@@ -1,5 +1,5 @@
 """Laguna under the settings users actually run: bf16, vLLM's default compiled mode, and
-tensor parallelism 2 on the CPU backend."""
+tensor parallelism 2 on the CPU backend (the last two in one engine)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,6 @@ def checkpoint(tmp_path_factory):
     return build_laguna(tmp_path_factory.mktemp("laguna") / "ckpt")
 
 
-@pytest.fixture(scope="module")
-def reference(checkpoint):
-    return hf_greedy(checkpoint, PROMPTS)
-
-
 def test_bf16_close_to_exact(checkpoint):
     """bf16 (the checkpoint's fp32 weights cast at load) against exact arithmetic on vLLM's
     own tokens, within the bf16 bounds (``harness.BF16``), on the prefill and decode paths."""
@@ -31,16 +26,14 @@ def test_bf16_close_to_exact(checkpoint):
     print(low_precision_gaps(checkpoint, BF16_PROMPTS, results).assert_within(BF16))
 
 
-def test_default_compiled_mode(checkpoint, reference):
-    """torch.compile as vLLM does by default (no enforce_eager)."""
-    assert_parity(reference, vllm_greedy(checkpoint, PROMPTS, enforce_eager=False))
-
-
-def test_tensor_parallel_2(tmp_path, monkeypatch):
-    """TP=2, one core per rank: per-layer head counts split across ranks, and a single KV
-    head (fewer KV heads than ranks, so it is replicated)."""
+def test_tensor_parallel_2_compiled(tmp_path, monkeypatch):
+    """TP=2, one core per rank, in vLLM's default compiled mode (no enforce_eager): per-layer
+    head counts split across ranks, and a single KV head (fewer KV heads than ranks, so it is
+    replicated)."""
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     ckpt = build_laguna(tmp_path / "tp", num_kv_heads=1, heads_per_layer=[2, 4, 6, 8], seed=5)
     expected = hf_greedy(ckpt, PROMPTS)
-    actual = vllm_greedy(ckpt, PROMPTS, tensor_parallel_size=2, distributed_executor_backend="mp")
+    actual = vllm_greedy(
+        ckpt, PROMPTS, tensor_parallel_size=2, distributed_executor_backend="mp", enforce_eager=False
+    )
     assert_parity(expected, actual)

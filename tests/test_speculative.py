@@ -139,24 +139,12 @@ def test_dflash_first_draft_always_accepted(oracle, record_property):
 
 
 def test_ngram_laguna_keeps_greedy_output(laguna, laguna_reference, record_property, ngram_in_own_process):
+    """Drafts from the prompt (PROMPTS ends with one that repeats itself) are accepted, and
+    the output is still exactly the target's."""
     actual, stats = vllm_spec_run(laguna, PROMPTS, NGRAM)
     report(record_property, "n-gram Laguna", stats)
-    assert stats.num_drafts > 0
+    assert sum(stats.accepted_per_position) > 0
     assert_parity(laguna_reference, actual)
-
-
-def test_ngram_accepts_what_the_prompt_predicts(oracle, record_property, ngram_in_own_process):
-    """On the cycle target a prompt holding the whole cycle predicts every next token."""
-    target, _ = oracle
-    prompts = cycle_prompts([20, 33])
-    actual, stats = vllm_spec_run(target, prompts, NGRAM, max_new_tokens=24)
-    report(record_property, "n-gram Laguna (cycle)", stats)
-    for prompt, greedy in zip(prompts, actual):
-        expected = [prompt[-1]]
-        for _ in range(24):
-            expected.append(successor(expected[-1]))
-        assert greedy.tokens == expected[1:]
-    assert stats.acceptance_rate > 0.9
 
 
 def test_eagle3_laguna_keeps_greedy_output(laguna, laguna_reference, tmp_path, record_property):
