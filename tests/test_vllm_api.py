@@ -103,7 +103,7 @@ PINS: dict[str, tuple[str, ...]] = {
     "vllm.forward_context:ForwardContext": ("attn_metadata", "no_compile_layers"),
     "vllm.sequence:IntermediateTensors": (),
     "vllm.logger:init_logger": (),
-    "vllm.utils.torch_utils:direct_register_custom_op": ("op_name", "op_func", "mutates_args", "fake_impl"),
+    "vllm.utils.torch_utils:direct_register_custom_op": ("op_name", "op_func", "mutates_args", "fake_impl", "target_lib", "dispatch_key"),
     # layers
     "vllm.model_executor.layers.activation:SiluAndMul": (),
     "vllm.model_executor.layers.attention:Attention": (
