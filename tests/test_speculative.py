@@ -147,22 +147,15 @@ def test_ngram_laguna_keeps_greedy_output(laguna, laguna_reference, record_prope
     assert_parity(laguna_reference, actual)
 
 
-def test_eagle3_laguna_keeps_greedy_output(laguna, laguna_reference, tmp_path, record_property):
+@pytest.mark.parametrize(("target", "name"), [("laguna", "Laguna"), ("llama4", "Llama 4")])
+def test_eagle3_keeps_greedy_output(target, name, request, tmp_path, record_property):
+    checkpoint, reference = request.getfixturevalue(target), request.getfixturevalue(f"{target}_reference")
     drafter = build_eagle3(tmp_path / "eagle3")
     spec = {"method": "eagle3", "model": str(drafter), "num_speculative_tokens": 3}
-    actual, stats = vllm_spec_run(laguna, PROMPTS, spec)
-    report(record_property, "EAGLE-3 Laguna", stats)
+    actual, stats = vllm_spec_run(checkpoint, PROMPTS, spec)
+    report(record_property, f"EAGLE-3 {name}", stats)
     assert stats.num_drafts > 0
-    assert_parity(laguna_reference, actual)
-
-
-def test_eagle3_llama4_keeps_greedy_output(llama4, llama4_reference, tmp_path, record_property):
-    drafter = build_eagle3(tmp_path / "eagle3")
-    spec = {"method": "eagle3", "model": str(drafter), "num_speculative_tokens": 3}
-    actual, stats = vllm_spec_run(llama4, PROMPTS, spec)
-    report(record_property, "EAGLE-3 Llama 4", stats)
-    assert stats.num_drafts > 0
-    assert_parity(llama4_reference, actual)
+    assert_parity(reference, actual)
 
 
 def test_ngram_llama4_keeps_greedy_output(llama4, llama4_reference, record_property, ngram_in_own_process):
