@@ -4,6 +4,23 @@ parser internal errors as failures; the parity tests' worst gaps in the summary.
 import logging
 import os
 
+
+def _share_the_cores_among_workers() -> None:
+    """Under pytest-xdist (``-n``, on by default in pyproject.toml), worker ``i`` of ``n``
+    runs its torch ops on one thread and its vLLM servers' engines on CPU ``i`` (mod the
+    CPUs it may use). Most engine work here is single-threaded Python, so two workers use
+    two cores where one process used 1.2 of them; with several OpenMP threads per worker,
+    their spinning threads would fight over the same cores. Tests that run a tensor- or
+    pipeline-parallel engine bind its ranks themselves."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(cpus[int(worker.removeprefix("gw")) % len(cpus)]))
+
+
+_share_the_cores_among_workers()
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -26,6 +43,12 @@ from vllm_laguna.parser_errors import LOGGER_NAME
 settings.register_profile("ci", max_examples=60, derandomize=True, database=None, deadline=None)
 settings.register_profile("wide", max_examples=600, derandomize=False, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per CPU this process may use, at most 4 (every worker holds
+    its own vLLM and transformers, about 3 GiB at peak), at least 1."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
 
 
 @pytest.fixture
@@ -83,18 +106,40 @@ def parser_errors():
         pytest.fail(f"{len(watch.unexpected)} parser internal error(s): {watch.unexpected[0].getMessage()}")
 
 
+#: the figures the summary prints, by kind and test, gathered from every worker's reports
+_FIGURES: dict[str, dict[str, float]] = {"parity_gap": {}, "feature_effect": {}}
+
+
+@pytest.fixture(autouse=True)
+def report_figures(request):
+    """Moves what ``harness`` recorded during the test (parity gaps, feature effects) into
+    the test's report, which pytest-xdist carries from the worker to the main process."""
+    yield
+    for kind, recorded in (("parity_gap", harness.PARITY_GAPS), ("feature_effect", harness.FEATURE_EFFECTS)):
+        for test, value in recorded.items():
+            request.node.user_properties.append((kind, [test, value]))
+        recorded.clear()
+
+
+def pytest_runtest_logreport(report):
+    for kind, figure in report.user_properties:
+        if kind in _FIGURES:
+            test, value = figure
+            _FIGURES[kind][test] = max(value, _FIGURES[kind].get(test, 0.0))
+
+
 def pytest_terminal_summary(terminalreporter):
     """The worst top-5 logprob gap of each parity comparison (``harness.assert_parity``), and
     how far turning each covered feature off moves transformers' own output."""
     sections = [
-        (harness.PARITY_GAPS, f"parity: worst top-5 logprob gap per test (bound {harness.LOGPROB_ATOL:g})"),
+        ("parity_gap", f"parity: worst top-5 logprob gap per test (bound {harness.LOGPROB_ATOL:g})"),
         (
-            harness.FEATURE_EFFECTS,
+            "feature_effect",
             f"features: change of transformers' top-5 logprobs when off (at least {harness.FEATURE_EFFECT:g})",
         ),
     ]
-    for values, title in sections:
-        if values:
+    for kind, title in sections:
+        if _FIGURES[kind]:
             terminalreporter.section(title)
-            for test, value in sorted(values.items()):
+            for test, value in sorted(_FIGURES[kind].items()):
                 terminalreporter.write_line(f"{value:9.2e}  {test}")

@@ -28,9 +28,9 @@ LOGPROB_ATOL = 1e-4
 #: (top-5 logprobs) for that parity test to be able to fail without it.
 FEATURE_EFFECT = 10 * LOGPROB_ATOL
 
-#: worst gap of every assert_parity call of this session, by test (conftest prints them)
+#: worst gap of every assert_parity call of the running test, by test (conftest reports them)
 PARITY_GAPS: dict[str, float] = {}
-#: what turning a feature off did to transformers' output, by test (conftest prints them)
+#: what turning a feature off did to transformers' output, by test (conftest reports them)
 FEATURE_EFFECTS: dict[str, float] = {}
 
 

@@ -21,7 +21,7 @@ def test_kernel_under_triton_interpreter(test_file):
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
     env.pop("VLLM_LAGUNA_TORCH_KERNELS", None)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(INTERPRET_DIR / test_file), "-q", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", str(INTERPRET_DIR / test_file), "-q", "-n", "0", "-p", "no:cacheprovider"],
         cwd=INTERPRET_DIR.parent.parent,
         env=env,
         capture_output=True,

@@ -71,14 +71,20 @@ def test_int8_w8a8_in_fp32_refused_on_amx(int8_checkpoints):
 @contextlib.contextmanager
 def _on_meta(ckpt, dtype: str, dist_dir):
     """Our LagunaForCausalLM for ``ckpt`` (its quantization config included), built on the
-    meta device, with the VllmConfig it was built from."""
+    meta device, with the VllmConfig it was built from.
+
+    vLLM's ``get_rope`` caches rotary embeddings by their parameters for the life of the
+    process: the meta ones made here are dropped again, or a later engine in this process
+    with the same rope would get a rotary embedding without data."""
     import torch
     from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
     from vllm.distributed import cleanup_dist_env_and_memory, init_distributed_environment, initialize_model_parallel
+    from vllm.model_executor.layers.rotary_embedding import _ROPE_DICT
 
     from vllm_laguna.model_executor.models.laguna import LagunaForCausalLM
 
     vllm_config = VllmConfig(model_config=ModelConfig(model=str(ckpt), dtype=dtype, max_model_len=256))
+    cached_ropes = dict(_ROPE_DICT)
     with set_current_vllm_config(vllm_config):
         init_distributed_environment(1, 0, f"file://{dist_dir}", 0, "gloo")
         initialize_model_parallel(1, 1)
@@ -87,6 +93,8 @@ def _on_meta(ckpt, dtype: str, dist_dir):
                 yield LagunaForCausalLM(vllm_config=vllm_config), vllm_config
         finally:
             cleanup_dist_env_and_memory()
+            _ROPE_DICT.clear()
+            _ROPE_DICT.update(cached_ropes)
 
 
 @pytest.fixture
