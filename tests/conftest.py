@@ -46,8 +46,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
-    """``-n auto``: one worker per CPU this process may use, at most 4 (every worker holds
-    its own vLLM and transformers, about 3 GiB at peak), at least 1."""
+    """``-n auto``: one worker per CPU this process may use, at least 1 and at most 4 (each
+    worker holds its own vLLM, transformers and engines in memory; more workers than 4 were
+    never measured)."""
     return max(1, min(len(os.sched_getaffinity(0)), 4))
 
 
