@@ -123,6 +123,7 @@ def report_figures(request):
 
 
 def pytest_runtest_logreport(report):
+    """Gathers the figures of every report (in the main process, those of all workers)."""
     for kind, figure in report.user_properties:
         if kind in _FIGURES:
             test, value = figure
