@@ -251,12 +251,14 @@ def make_prompts(model_dir: str, count: int, input_len: int) -> list[list[int]]:
     return prompts
 
 
-def side_env(side: str, threads: int) -> dict:
+def side_env(side: str, threads: int, in_process_engine: bool) -> dict:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}" if threads > 1 else "0")
     if side == "in-tree":
         env["VLLM_PLUGINS"] = ""
+    if in_process_engine:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return env
 
 
@@ -271,7 +273,7 @@ def spawn(args, side: str, dtype: str, prompts_file: Path, out_file: Path) -> di
     ] + (["--enforce-eager"] if args.enforce_eager else [])  # fmt: skip
     log = out_file.with_suffix(".log")
     with open(log, "w") as sink:
-        rc = subprocess.call(cmd, env=side_env(side, args.threads), stdout=sink, stderr=subprocess.STDOUT)
+        rc = subprocess.call(cmd, env=side_env(side, args.threads, args.in_process_engine), stdout=sink, stderr=subprocess.STDOUT)
     if rc:
         raise RuntimeError(f"{side} ({dtype}) failed with exit code {rc}; log: {log}")
     return json.loads(out_file.read_text())
@@ -329,6 +331,7 @@ def environment(args) -> dict:
         "cpu": cpu, "cpu_kind": detect().name, "cores": os.cpu_count(), "threads": args.threads,
         "vllm": vllm_version, "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(),
+        "vllm engine": "in-process" if args.in_process_engine else "engine-core + worker processes (default)",
     }  # fmt: skip
 
 
@@ -379,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sides", nargs="+", help="default: plugin and the model's comparison side")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM eager mode (default: vLLM's compiled mode)")
+    parser.add_argument(
+        "--in-process-engine",
+        action="store_true",
+        help="run vLLM's engine in the caller's process (VLLM_ENABLE_V1_MULTIPROCESSING=0) instead of its default "
+        "engine-core and worker processes, which busy-poll each other and take CPU from the compute threads",
+    )
     parser.add_argument("--vllm-args", default="{}", help="extra LLM(...) keyword arguments as JSON")
     parser.add_argument("--check-requests", type=int, default=4)
     parser.add_argument("--check-tokens", type=int, default=32)
