@@ -14,7 +14,9 @@ process tree's peak RSS during that batch; medians over the runs and the ratios 
 are printed. Prompts come from vLLM's ``RandomDataset`` (token ids, exactly ``--input-len``
 each, the same for every side); sampling is greedy with EOS ignored and no detokenisation.
 All cores by default: vLLM's workers are bound to them (``VLLM_CPU_OMP_THREADS_BIND``),
-transformers gets ``torch.set_num_threads``, llama.cpp ``-t``.
+transformers gets ``torch.set_num_threads``, llama.cpp ``-t``. vLLM runs in its default process
+layout (front end, engine core, worker) unless ``--in-process-engine`` puts it in one process; on a
+small machine the layout alone changes batch-1 decode by 1.5-2x (``benchmarks/README.md``).
 
 Tokens are checked in the same invocation, so a fast wrong model cannot win:
 
