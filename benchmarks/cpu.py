@@ -16,7 +16,7 @@ each, the same for every side); sampling is greedy with EOS ignored and no detok
 All cores by default: vLLM's workers are bound to them (``VLLM_CPU_OMP_THREADS_BIND``),
 transformers gets ``torch.set_num_threads``, llama.cpp ``-t``. vLLM runs in its default process
 layout (front end, engine core, worker) unless ``--in-process-engine`` puts it in one process; on a
-small machine the layout alone changes batch-1 decode by 1.5-2x (``benchmarks/README.md``).
+small machine the layout alone changes batch-1 decode by 1.4-2.2x (``benchmarks/README.md``).
 
 Tokens are checked in the same invocation, so a fast wrong model cannot win:
 
