@@ -11,28 +11,23 @@
 * **bf16 GEMV**: ``F.linear`` of one bf16 row by a 32768 x 512 bf16 weight, a benchmark LM head
   (GB/s of weight read): what torch's own batch-1 linear reaches against the bandwidth above.
 
-Medians of 7 timed calls after warm-up; the machine should be quiet.
+Medians of 7 timed calls after warm-up (``kernels.py``'s timer); the machine should be quiet.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
+from kernels import Timer  # benchmarks/kernels.py: medians of timed calls
+
+TIMER = Timer(torch.device("cpu"), calls=1, repeats=7)
 
 
-def median_seconds(fn, calls: int = 7) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_seconds(fn) -> float:
+    fn()  # a second warm-up call beside the Timer's own
+    return TIMER.eager(fn) / 1e6
 
 
 def main() -> None:
