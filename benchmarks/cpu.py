@@ -69,14 +69,11 @@ class PeakRss:
     Where a mark cannot be reset, it is the process's peak since it started.
     """
 
-    def __init__(self):
+    def __enter__(self) -> PeakRss:
         import psutil
 
-        self.root = psutil.Process(os.getpid())
-        self.peak = 0
-
-    def __enter__(self) -> PeakRss:
-        self.pids = [p.pid for p in (self.root, *self.root.children(recursive=True))]
+        root = psutil.Process(os.getpid())
+        self.pids = [p.pid for p in (root, *root.children(recursive=True))]
         for pid in self.pids:
             try:
                 Path(f"/proc/{pid}/clear_refs").write_text("5")
