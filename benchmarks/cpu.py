@@ -383,7 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3, help="interleaved rounds (A B A B ...)")
-    parser.add_argument("--sides", nargs="+", help="default: plugin and the model's comparison side")
+    parser.add_argument(
+        "--sides",
+        nargs="+",
+        choices=("plugin", "transformers", "in-tree"),
+        help="default: plugin and the model's comparison side; the plugin is always run, every ratio is its own",
+    )
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM eager mode (default: vLLM's compiled mode)")
     parser.add_argument(
@@ -412,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--llama-cpp needs --gguf")
 
     args.checkpoint = build_checkpoint(args)
-    sides = args.sides or list(SIDES_BY_MODEL[args.model])
+    sides = list(dict.fromkeys(["plugin", *(args.sides or SIDES_BY_MODEL[args.model])]))
     work = Path(args.cache_dir) / "runs"
     work.mkdir(parents=True, exist_ok=True)
     prompts = make_prompts(args.checkpoint, max(args.batches), args.input_len)
