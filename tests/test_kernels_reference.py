@@ -78,10 +78,11 @@ def test_sigmoid_topk_reference_matches_python_ranking(
     torch.testing.assert_close(weights, want_weights, atol=1e-6, rtol=1e-6)
 
 
-def test_llama4_topk_reference_matches_python_ranking():
+@pytest.mark.parametrize("top_k", [1, 5])
+def test_llama4_topk_reference_matches_python_ranking(top_k):
     logits = _rows(24).to(torch.bfloat16)
-    weights, ids = llama4_topk_reference(logits, 5)
-    want_ids = torch.tensor([_ranked(row, 5) for row in logits.float().tolist()], dtype=torch.int32)
+    weights, ids = llama4_topk_reference(logits, top_k)
+    want_ids = torch.tensor([_ranked(row, top_k) for row in logits.float().tolist()], dtype=torch.int32)
     assert torch.equal(ids, want_ids)
     chosen = logits.float().gather(1, want_ids.long())
     torch.testing.assert_close(weights, torch.nan_to_num(torch.sigmoid(chosen), nan=0.0))
@@ -98,6 +99,9 @@ def test_degenerate_rows_by_hand():
     weights, ids = llama4_topk_reference(logits, 2)
     assert ids.tolist() == [[0, 1], [0, 1], [1, 2]]
     assert weights[0].tolist() == [0.0, 0.0] and weights[1].tolist() == [1.0, 1.0]
+    weights, ids = llama4_topk_reference(logits, 1)  # top-1 takes its own path (argmax)
+    assert ids.tolist() == [[0], [0], [1]]
+    assert weights[:, 0].tolist() == [0.0, 1.0, torch.sigmoid(torch.tensor(3.0)).item()]
 
 
 @pytest.mark.parametrize("per_element", [False, True])
