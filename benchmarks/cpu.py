@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sides",
         nargs="+",
-        choices=("plugin", "transformers", "in-tree"),
+        choices=sorted({side for sides in SIDES_BY_MODEL.values() for side in sides}),
         help="default: plugin and the model's comparison side; the plugin is always run, every ratio is its own",
     )
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
