@@ -266,6 +266,26 @@ def side_env(side: str, threads: int, in_process_engine: bool) -> dict:
     return env
 
 
+# vLLM's log prefix, e.g. "(Worker pid=12) ERROR 12-01 13:13:00 [multiproc_executor.py:953] "
+_LOG_PREFIX = re.compile(r"^\([^)]*\) (?:ERROR|WARNING|INFO|DEBUG) \S+ \S+ \[[^\]]*\] ?")
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(?:Error|Exception|Interrupt|Exit)\b")
+
+
+class SideFailed(RuntimeError):
+    """A side's worker exited with an error (e.g. vLLM in-tree cannot load the checkpoint)."""
+
+
+def _root_error(log: Path) -> str:
+    """The exception line that ends the first traceback in a worker's log (vLLM wraps the
+    root cause in later ones, e.g. "Engine core initialization failed"), its log prefix removed."""
+    lines = [_LOG_PREFIX.sub("", line) for line in log.read_text(errors="replace").splitlines()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    for line in lines[starts[0] + 1 :] if starts else []:
+        if _EXCEPTION_LINE.match(line):
+            return line.strip()
+    return "no traceback in the log"
+
+
 def spawn(args, side: str, dtype: str, prompts_file: Path, out_file: Path) -> dict:
     cmd = [
         sys.executable, __file__, args.model, "--worker", "transformers" if side == "transformers" else "vllm",
@@ -279,7 +299,7 @@ def spawn(args, side: str, dtype: str, prompts_file: Path, out_file: Path) -> di
     with open(log, "w") as sink:
         rc = subprocess.call(cmd, env=side_env(side, args.threads, args.in_process_engine), stdout=sink, stderr=subprocess.STDOUT)
     if rc:
-        raise RuntimeError(f"{side} ({dtype}) failed with exit code {rc}; log: {log}")
+        raise SideFailed(f"{side} ({dtype}) failed with exit code {rc}: {_root_error(log)}; log: {log}")
     return json.loads(out_file.read_text())
 
 
@@ -425,16 +445,26 @@ def main(argv: list[str] | None = None) -> int:
     prompts_file.write_text(json.dumps(prompts))
 
     runs: dict[str, list[dict]] = {side: [] for side in sides}
+    failed: dict[str, str] = {}  # comparison sides that could not run the checkpoint, and why
     llama_runs: list[dict] = []
     for round_ in range(args.runs):
-        for side in sides:
+        for side in [side for side in sides if side not in failed]:
             print(f"run {round_ + 1}/{args.runs}: {side}", flush=True)
-            runs[side].append(spawn(args, side, "bfloat16", prompts_file, work / f"{side}-{round_}.json"))
+            try:
+                runs[side].append(spawn(args, side, "bfloat16", prompts_file, work / f"{side}-{round_}.json"))
+            except SideFailed as err:
+                if side == "plugin":
+                    raise
+                # e.g. vLLM in-tree on a config form it cannot read: report the plugin's figures
+                # and the reason instead of losing the whole run
+                failed[side] = str(err)
+                del runs[side]
+                print(f"dropped: {err}", flush=True)
         if args.llama_cpp:
             print(f"run {round_ + 1}/{args.runs}: llama.cpp", flush=True)
             llama_runs.append(run_llama_cpp(args))
     exact = {}
-    for side in sides:
+    for side in runs:
         if side in VLLM_SIDES:
             print(f"fp32 check: {side}", flush=True)
             exact[side] = spawn(args, side, "float32", prompts_file, work / f"{side}-fp32.json")["check_tokens"]
@@ -451,11 +481,13 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     env = environment(args)
     print_table(args, medians, report, env)
+    for side, reason in failed.items():
+        print(f"NOT RUN: {reason}")
     problems = verdict(report)
     for problem in problems:
         print(f"WRONG: {problem}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"env": env, "runs": all_runs, "medians": medians, "checks": report}, indent=1))
+        Path(args.json).write_text(json.dumps({"env": env, "runs": all_runs, "medians": medians, "checks": report, "failed": failed}, indent=1))
     return 1 if problems else 0
 
 
