@@ -31,8 +31,8 @@ def process_group(tmp_path_factory):
     cleanup_dist_env_and_memory()
 
 
-def load_model(ckpt, num_redundant_experts: int | None = None, lora_config=None):
-    """``(model, vllm_config)`` for ``ckpt`` in fp32 as vLLM's default loader builds it
+def load_model(ckpt, num_redundant_experts: int | None = None, lora_config=None, dtype: str = "float32"):
+    """``(model, vllm_config)`` for ``ckpt`` in ``dtype`` as vLLM's default loader builds it
     (weights loaded and processed). ``num_redundant_experts`` turns
     EPLB on, set after the config's validation (vLLM refuses EPLB on CPU); ``lora_config``
     is what ``enable_lora`` would set (the LoRA manager itself is not created)."""
@@ -40,7 +40,7 @@ def load_model(ckpt, num_redundant_experts: int | None = None, lora_config=None)
     from vllm.model_executor.model_loader import get_model
 
     vllm_config = VllmConfig(
-        model_config=ModelConfig(model=str(ckpt), dtype="float32", max_model_len=256), lora_config=lora_config
+        model_config=ModelConfig(model=str(ckpt), dtype=dtype, max_model_len=256), lora_config=lora_config
     )
     if num_redundant_experts is not None:
         parallel = vllm_config.parallel_config

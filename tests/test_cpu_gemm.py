@@ -11,7 +11,9 @@ import torch
 
 from vllm import _custom_ops as ops
 
-from vllm_laguna.model_executor.layers import cpu_gemm  # noqa: F401  (registers the op)
+from loaded_models import load_model, process_group  # noqa: F401 (fixture)
+from vllm_laguna.model_executor.layers import cpu_gemm  # registers the op
+from vllm_laguna.tiny.laguna import LagunaTiny, build_laguna
 
 OUT, IN = 160, 96
 
@@ -49,3 +51,54 @@ def test_row_count_is_not_a_compile_guard():
     for rows in (1, 7):
         x = torch.randn(rows, IN).to(torch.bfloat16)
         torch.testing.assert_close(compiled(x), linear(x), rtol=0, atol=0)
+
+
+needs_the_hook = pytest.mark.skipif(
+    cpu_gemm.onednn_has_bf16_matmul() or not ops._supports_onednn,
+    reason="this CPU's oneDNN has a bf16 matmul (AVX-512/AMX): vLLM's own bf16 linears run, the hook is off",
+)
+
+
+def _hooked(model) -> set[str]:
+    return {name for name, module in model.named_modules() if hasattr(getattr(module, "cpu_linear", None), "dnnl")}
+
+
+@pytest.fixture(scope="module")
+def tiny_laguna_bf16(tmp_path_factory):
+    return build_laguna(tmp_path_factory.mktemp("laguna-bf16"), LagunaTiny(dtype="bfloat16"))
+
+
+class _Memory:
+    def __init__(self, available: int):
+        self.available = available
+
+
+@needs_the_hook
+def test_fp32_copies_are_made_only_where_they_fit_beside_the_kv_cache(
+    process_group, tiny_laguna_bf16, monkeypatch
+):
+    """Wide bf16 linears get oneDNN's fp32 copy (4 bytes a weight) when it takes at most half of
+    the memory available less an explicit KV cache; otherwise vLLM's dispatch stays, with a
+    warning."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # vLLM's platform turns it into bytes
+    model, _ = load_model(tiny_laguna_bf16, dtype="bfloat16")
+    hooked = _hooked(model)
+    layers = LagunaTiny().num_layers
+    # qkv (384 wide), the dense MLP's gate_up (192) and the LM head (512); narrow outputs
+    # (o_proj/down_proj 64, per-head gates 8, routers 8) keep torch's kernel
+    assert hooked == {f"model.layers.{i}.self_attn.qkv_proj" for i in range(layers)} | {
+        "model.layers.0.mlp.gate_up_proj",
+        "lm_head",
+    }
+    modules = dict(model.named_modules())
+    needed = sum(4 * modules[name].weight.numel() for name in hooked)
+
+    warnings = []
+    monkeypatch.setattr(cpu_gemm.logger, "warning", lambda msg, *args: warnings.append(msg % args))
+    kv_cache = 2**30
+    monkeypatch.setattr(cpu_gemm.psutil, "virtual_memory", lambda: _Memory(kv_cache + 2 * needed))
+    assert _hooked(load_model(tiny_laguna_bf16, dtype="bfloat16")[0]) == hooked
+    assert warnings == []
+    monkeypatch.setattr(cpu_gemm.psutil, "virtual_memory", lambda: _Memory(kv_cache + 2 * needed - 2))
+    assert _hooked(load_model(tiny_laguna_bf16, dtype="bfloat16")[0]) == set()
+    assert len(warnings) == 1 and "VLLM_CPU_KVCACHE_SPACE" in warnings[0]

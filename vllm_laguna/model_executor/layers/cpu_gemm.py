@@ -15,17 +15,22 @@ products are exact in fp32 and torch's bf16 kernel also accumulates in fp32, so 
 the same math up to summation order. fp32 models, quantized layers, narrow outputs (gates,
 routers) and CPUs whose oneDNN has bf16 are left alone. The price is memory: oneDNN's fp32
 copy beside the bf16 weight, 3x the bytes of these layers (the fused-MoE experts, the bulk
-of an MoE checkpoint, keep vLLM's bf16 kernel, which is fast on AVX2).
+of an MoE checkpoint, keep vLLM's bf16 kernel, which is fast on AVX2). Where the copies would
+not fit beside vLLM's KV cache (:data:`MAX_SHARE_OF_FREE_MEMORY`), the layers keep vLLM's
+dispatch (what in-tree runs) instead of crowding out the KV cache on a machine short of memory.
 """
 
 from __future__ import annotations
 
 import functools
 
+import psutil
 import torch
 from torch import nn
 
 from vllm import _custom_ops as ops
+from vllm.config import get_current_vllm_config
+from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
 from vllm.platforms import current_platform
@@ -36,6 +41,13 @@ from vllm_laguna.kernels.dispatch import LIBRARY
 #: Output widths below this keep torch's bf16 kernel: per-head gates and routers, where a
 #: oneDNN call costs more than the product (measured: 16 x 512 is 3-6x slower in oneDNN).
 MIN_OUTPUT_FEATURES = 128
+
+#: The fp32 copies may take at most this share of the memory that is available when the
+#: weights are loaded, less an explicitly sized KV cache (``VLLM_CPU_KVCACHE_SPACE``), which
+#: vLLM allocates afterwards. The rest is headroom for activations and vLLM's own use.
+MAX_SHARE_OF_FREE_MEMORY = 0.5
+
+logger = init_logger(__name__)
 
 
 @functools.cache
@@ -112,15 +124,29 @@ def _fp32_onednn_linear(weight: torch.Tensor):
     return linear
 
 
+def _memory_left_for_copies() -> int:
+    """Bytes available now, less the KV cache vLLM will allocate when its size is explicit."""
+    kv_cache = get_current_vllm_config().cache_config.kv_cache_memory_bytes or 0
+    return psutil.virtual_memory().available - kv_cache
+
+
 def use_fp32_onednn_for_bf16(model: nn.Module) -> int:
     """Re-dispatches the bf16 linears of ``model`` (run after vLLM's own dispatch, from the
     model's ``process_weights_after_loading``); returns how many layers it changed."""
     if not current_platform.is_cpu() or onednn_has_bf16_matmul() or not ops._supports_onednn:
         return 0
-    changed = 0
-    for module in model.modules():
-        if not _eligible(module):
-            continue
+    layers = [module for module in model.modules() if _eligible(module)]
+    needed = sum(4 * module.weight.numel() for module in layers)
+    allowed = MAX_SHARE_OF_FREE_MEMORY * _memory_left_for_copies()
+    if needed > allowed:
+        logger.warning(
+            "vllm-laguna: the bf16 linears keep torch's bf16 kernel, which this CPU runs 3-6x slower "
+            "than oneDNN's fp32 GEMM from 2 rows on (prompts, batches): the fp32 copies oneDNN needs "
+            "(%.2f GiB) are more than %d%% of the memory left beside the KV cache (%.2f GiB). "
+            "Free memory or lower VLLM_CPU_KVCACHE_SPACE to get them.",
+            needed / 2**30, round(100 * MAX_SHARE_OF_FREE_MEMORY), allowed / MAX_SHARE_OF_FREE_MEMORY / 2**30,
+        )  # fmt: skip
+        return 0
+    for module in layers:
         module.cpu_linear = _fp32_onednn_linear(module.weight.data)
-        changed += 1
-    return changed
+    return len(layers)
