@@ -16,7 +16,7 @@ the same math up to summation order. fp32 models, quantized layers, narrow outpu
 routers) and CPUs whose oneDNN has bf16 are left alone. The price is memory: oneDNN's fp32
 copy beside the bf16 weight, 3x the bytes of these layers (the fused-MoE experts, the bulk
 of an MoE checkpoint, keep vLLM's bf16 kernel, which is fast on AVX2). Where the copies would
-not fit beside vLLM's KV cache (:data:`MAX_SHARE_OF_FREE_MEMORY`), the layers keep vLLM's
+not fit beside vLLM's KV cache (:data:`MAX_SHARE_OF_AVAILABLE_MEMORY`), the layers keep vLLM's
 dispatch (what in-tree runs) instead of crowding out the KV cache on a machine short of memory.
 """
 
@@ -45,7 +45,7 @@ MIN_OUTPUT_FEATURES = 128
 #: The fp32 copies may take at most this share of the memory that is available when the
 #: weights are loaded, less an explicitly sized KV cache (``VLLM_CPU_KVCACHE_SPACE``), which
 #: vLLM allocates afterwards. The rest is headroom for activations and vLLM's own use.
-MAX_SHARE_OF_FREE_MEMORY = 0.5
+MAX_SHARE_OF_AVAILABLE_MEMORY = 0.5
 
 logger = init_logger(__name__)
 
@@ -137,14 +137,14 @@ def use_fp32_onednn_for_bf16(model: nn.Module) -> int:
         return 0
     layers = [module for module in model.modules() if _eligible(module)]
     needed = sum(4 * module.weight.numel() for module in layers)
-    allowed = MAX_SHARE_OF_FREE_MEMORY * _memory_left_for_copies()
-    if needed > allowed:
+    left = _memory_left_for_copies()
+    if needed > MAX_SHARE_OF_AVAILABLE_MEMORY * left:
         logger.warning(
             "vllm-laguna: the bf16 linears keep torch's bf16 kernel, which this CPU runs 3-6x slower "
             "than oneDNN's fp32 GEMM from 2 rows on (prompts, batches): the fp32 copies oneDNN needs "
             "(%.2f GiB) are more than %d%% of the memory left beside the KV cache (%.2f GiB). "
             "Free memory or lower VLLM_CPU_KVCACHE_SPACE to get them.",
-            needed / 2**30, round(100 * MAX_SHARE_OF_FREE_MEMORY), allowed / MAX_SHARE_OF_FREE_MEMORY / 2**30,
+            needed / 2**30, round(100 * MAX_SHARE_OF_AVAILABLE_MEMORY), left / 2**30,
         )  # fmt: skip
         return 0
     for module in layers:
