@@ -102,3 +102,19 @@ def test_fp32_copies_are_made_only_where_they_fit_beside_the_kv_cache(
     monkeypatch.setattr(cpu_gemm.psutil, "virtual_memory", lambda: _Memory(kv_cache + 2 * needed - 2))
     assert _hooked(load_model(tiny_laguna_bf16, dtype="bfloat16")[0]) == set()
     assert len(warnings) == 1 and "VLLM_CPU_KVCACHE_SPACE" in warnings[0]
+
+
+def test_each_parallel_rank_counts_its_part_of_the_memory(monkeypatch):
+    """The ranks of a TP/PP engine make their copies side by side on one machine: each may
+    count on its share of the available memory, less its own explicit KV cache."""
+    from vllm.config import CacheConfig, ParallelConfig, VllmConfig, set_current_vllm_config
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)  # vLLM's platform would size the cache from it
+    monkeypatch.setattr(cpu_gemm.psutil, "virtual_memory", lambda: _Memory(10 * 2**30))
+    for ranks, kv_cache, left in [(1, None, 10 * 2**30), (2, None, 5 * 2**30), (2, 2**30, 4 * 2**30)]:
+        config = VllmConfig(
+            parallel_config=ParallelConfig(tensor_parallel_size=ranks),
+            cache_config=CacheConfig(kv_cache_memory_bytes=kv_cache),
+        )
+        with set_current_vllm_config(config):
+            assert cpu_gemm._memory_left_for_copies() == left

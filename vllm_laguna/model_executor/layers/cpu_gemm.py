@@ -43,8 +43,9 @@ from vllm_laguna.kernels.dispatch import LIBRARY
 MIN_OUTPUT_FEATURES = 128
 
 #: The fp32 copies may take at most this share of the memory that is available when the
-#: weights are loaded, less an explicitly sized KV cache (``VLLM_CPU_KVCACHE_SPACE``), which
-#: vLLM allocates afterwards. The rest is headroom for activations and vLLM's own use.
+#: weights are loaded (a parallel engine's rank: its part of it), less an explicitly sized KV
+#: cache (``VLLM_CPU_KVCACHE_SPACE``), which vLLM allocates afterwards. The rest is headroom
+#: for activations and vLLM's own use.
 MAX_SHARE_OF_AVAILABLE_MEMORY = 0.5
 
 logger = init_logger(__name__)
@@ -125,9 +126,12 @@ def _fp32_onednn_linear(weight: torch.Tensor):
 
 
 def _memory_left_for_copies() -> int:
-    """Bytes available now, less the KV cache vLLM will allocate when its size is explicit."""
-    kv_cache = get_current_vllm_config().cache_config.kv_cache_memory_bytes or 0
-    return psutil.virtual_memory().available - kv_cache
+    """This rank's part of the memory available now (a tensor- or pipeline-parallel engine's
+    ranks load side by side on one machine), less the KV cache it allocates afterwards when
+    its size is explicit."""
+    config = get_current_vllm_config()
+    share = psutil.virtual_memory().available // config.parallel_config.world_size
+    return share - (config.cache_config.kv_cache_memory_bytes or 0)
 
 
 def use_fp32_onednn_for_bf16(model: nn.Module) -> int:
