@@ -171,7 +171,10 @@ def test_streamed_chat_completion(client, thinking):
     assert summary(got) == (*EXPECTED[thinking], [EXPECTED_CALL], "tool_calls")
     (call,) = got["calls"].values()
     assert len(call["ids"]) == 1  # one id per call, on its first delta
-    assert got["argument_deltas"] >= 5  # the arguments stream as they arrive
+    # the arguments stream in pieces, not once complete. Not one piece a token: under load,
+    # vLLM's output collector merges the deltas a slow client has not read yet into one (the
+    # parser's token-by-token pieces: test_tool_parser's test_name_first_then_string_arguments_as_they_arrive)
+    assert got["argument_deltas"] >= 2
 
 
 def test_without_tools_the_call_is_plain_content(client):
