@@ -6,6 +6,8 @@ where oneDNN has no bf16 matmul, which test_laguna_modes' bf16 run covers end to
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -68,11 +70,6 @@ def tiny_laguna_bf16(tmp_path_factory):
     return build_laguna(tmp_path_factory.mktemp("laguna-bf16"), LagunaTiny(dtype="bfloat16"))
 
 
-class _Memory:
-    def __init__(self, available: int):
-        self.available = available
-
-
 @needs_the_hook
 def test_fp32_copies_are_made_only_where_they_fit_beside_the_kv_cache(
     process_group, tiny_laguna_bf16, monkeypatch
@@ -96,10 +93,10 @@ def test_fp32_copies_are_made_only_where_they_fit_beside_the_kv_cache(
     warnings = []
     monkeypatch.setattr(cpu_gemm.logger, "warning", lambda msg, *args: warnings.append(msg % args))
     kv_cache = 2**30
-    monkeypatch.setattr(cpu_gemm.psutil, "virtual_memory", lambda: _Memory(kv_cache + 2 * needed))
+    monkeypatch.setattr(cpu_gemm.psutil, "virtual_memory", lambda: SimpleNamespace(available=kv_cache + 2 * needed))
     assert _hooked(load_model(tiny_laguna_bf16, dtype="bfloat16")[0]) == hooked
     assert warnings == []
-    monkeypatch.setattr(cpu_gemm.psutil, "virtual_memory", lambda: _Memory(kv_cache + 2 * needed - 2))
+    monkeypatch.setattr(cpu_gemm.psutil, "virtual_memory", lambda: SimpleNamespace(available=kv_cache + 2 * needed - 2))
     assert _hooked(load_model(tiny_laguna_bf16, dtype="bfloat16")[0]) == set()
     assert len(warnings) == 1 and "VLLM_CPU_KVCACHE_SPACE" in warnings[0]
 
@@ -110,7 +107,7 @@ def test_each_parallel_rank_counts_its_part_of_the_memory(monkeypatch):
     from vllm.config import CacheConfig, ParallelConfig, VllmConfig, set_current_vllm_config
 
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)  # vLLM's platform would size the cache from it
-    monkeypatch.setattr(cpu_gemm.psutil, "virtual_memory", lambda: _Memory(10 * 2**30))
+    monkeypatch.setattr(cpu_gemm.psutil, "virtual_memory", lambda: SimpleNamespace(available=10 * 2**30))
     for ranks, kv_cache, left in [(1, None, 10 * 2**30), (2, None, 5 * 2**30), (2, 2**30, 4 * 2**30)]:
         config = VllmConfig(
             parallel_config=ParallelConfig(tensor_parallel_size=ranks),

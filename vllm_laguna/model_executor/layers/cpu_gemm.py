@@ -140,6 +140,8 @@ def use_fp32_onednn_for_bf16(model: nn.Module) -> int:
     if not current_platform.is_cpu() or onednn_has_bf16_matmul() or not ops._supports_onednn:
         return 0
     layers = [module for module in model.modules() if _eligible(module)]
+    if not layers:  # fp32 or quantized: nothing to copy, no memory to weigh
+        return 0
     needed = sum(4 * module.weight.numel() for module in layers)
     left = _memory_left_for_copies()
     if needed > MAX_SHARE_OF_AVAILABLE_MEMORY * left:
