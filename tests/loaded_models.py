@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harness import KV_CACHE_BYTES
+
 
 @pytest.fixture(scope="module")
 def process_group(tmp_path_factory):
@@ -36,11 +38,13 @@ def load_model(ckpt, num_redundant_experts: int | None = None, lora_config=None,
     (weights loaded and processed). ``num_redundant_experts`` turns
     EPLB on, set after the config's validation (vLLM refuses EPLB on CPU); ``lora_config``
     is what ``enable_lora`` would set (the LoRA manager itself is not created)."""
-    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
     from vllm.model_executor.model_loader import get_model
 
     vllm_config = VllmConfig(
-        model_config=ModelConfig(model=str(ckpt), dtype=dtype, max_model_len=256), lora_config=lora_config
+        model_config=ModelConfig(model=str(ckpt), dtype=dtype, max_model_len=256),
+        cache_config=CacheConfig(kv_cache_memory_bytes=KV_CACHE_BYTES),
+        lora_config=lora_config,
     )
     if num_redundant_experts is not None:
         parallel = vllm_config.parallel_config

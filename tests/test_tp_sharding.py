@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from harness import KV_CACHE_BYTES
 from vllm_laguna.tiny.laguna import LagunaTiny, build_laguna
 
 
@@ -41,9 +42,10 @@ def _laguna_arch(**options):
 
 @pytest.fixture
 def vllm_config(laguna_model_config):
-    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.config import CacheConfig, VllmConfig, set_current_vllm_config
 
-    with set_current_vllm_config(VllmConfig(model_config=laguna_model_config)):
+    cache_config = CacheConfig(kv_cache_memory_bytes=KV_CACHE_BYTES)
+    with set_current_vllm_config(VllmConfig(model_config=laguna_model_config, cache_config=cache_config)):
         yield
 
 
