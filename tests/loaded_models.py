@@ -33,19 +33,29 @@ def process_group(tmp_path_factory):
     cleanup_dist_env_and_memory()
 
 
+def model_vllm_config(ckpt, dtype: str = "float32", **configs):
+    """The ``VllmConfig`` of ``ckpt`` for a model built without an engine: 256 tokens, and the
+    test engines' explicit KV-cache size, so that the start-up check does not weigh this
+    machine's free memory (``startup_checks.check_cpu_kv_cache``); ``configs``: further
+    sub-configs (``lora_config=...``)."""
+    from vllm.config import CacheConfig, ModelConfig, VllmConfig
+
+    return VllmConfig(
+        model_config=ModelConfig(model=str(ckpt), dtype=dtype, max_model_len=256),
+        cache_config=CacheConfig(kv_cache_memory_bytes=KV_CACHE_BYTES),
+        **configs,
+    )
+
+
 def load_model(ckpt, num_redundant_experts: int | None = None, lora_config=None, dtype: str = "float32"):
     """``(model, vllm_config)`` for ``ckpt`` in ``dtype`` as vLLM's default loader builds it
     (weights loaded and processed). ``num_redundant_experts`` turns
     EPLB on, set after the config's validation (vLLM refuses EPLB on CPU); ``lora_config``
     is what ``enable_lora`` would set (the LoRA manager itself is not created)."""
-    from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader import get_model
 
-    vllm_config = VllmConfig(
-        model_config=ModelConfig(model=str(ckpt), dtype=dtype, max_model_len=256),
-        cache_config=CacheConfig(kv_cache_memory_bytes=KV_CACHE_BYTES),
-        lora_config=lora_config,
-    )
+    vllm_config = model_vllm_config(ckpt, dtype, lora_config=lora_config)
     if num_redundant_experts is not None:
         parallel = vllm_config.parallel_config
         parallel.enable_eplb = True

@@ -16,7 +16,8 @@ import re
 
 import pytest
 
-from harness import INT8_W8A8, KV_CACHE_BYTES, load_error, low_precision_gaps, prompts_for, vllm_run
+from harness import INT8_W8A8, load_error, low_precision_gaps, prompts_for, vllm_run
+from loaded_models import model_vllm_config
 from quantized_checkpoints import NVFP4_QUANT_CONFIG, int8_w8a8, nvfp4_tensor_names
 from vllm_laguna.cpu_kind import detect, missing
 from vllm_laguna.tiny.laguna import build_laguna
@@ -77,16 +78,13 @@ def _on_meta(ckpt, dtype: str, dist_dir):
     process: the meta ones made here are dropped again, or a later engine in this process
     with the same rope would get a rotary embedding without data."""
     import torch
-    from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.config import set_current_vllm_config
     from vllm.distributed import cleanup_dist_env_and_memory, init_distributed_environment, initialize_model_parallel
     from vllm.model_executor.layers.rotary_embedding import _ROPE_DICT
 
     from vllm_laguna.model_executor.models.laguna import LagunaForCausalLM
 
-    vllm_config = VllmConfig(
-        model_config=ModelConfig(model=str(ckpt), dtype=dtype, max_model_len=256),
-        cache_config=CacheConfig(kv_cache_memory_bytes=KV_CACHE_BYTES),
-    )
+    vllm_config = model_vllm_config(ckpt, dtype)
     cached_ropes = dict(_ROPE_DICT)
     with set_current_vllm_config(vllm_config):
         init_distributed_environment(1, 0, f"file://{dist_dir}", 0, "gloo")
