@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from harness import KV_CACHE_BYTES
+from harness import engine_kwargs
 from laguna_parsing import TOOLS, composed_parser_cls, parse_complete
 from serving import vllm_serve
 
@@ -121,8 +121,7 @@ def test_offline_llm_chat_with_tools(tmp_path):
          " 2 ", "</arg_value>\n", "</tool_call>", "</assistant>"],
     ]  # fmt: skip
     checkpoint = build_scripted(tmp_path / "ckpt", script, special_markers=False)
-    llm = LLM(model=str(checkpoint), dtype="float32", enforce_eager=True, max_model_len=2048,
-              distributed_executor_backend="uni", seed=0, kv_cache_memory_bytes=KV_CACHE_BYTES)  # fmt: skip
+    llm = LLM(**engine_kwargs(checkpoint, max_model_len=2048))
     try:
         (out,) = llm.chat(
             MESSAGES, SamplingParams(temperature=0, max_tokens=64), tools=TOOLS,
