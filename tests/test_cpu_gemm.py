@@ -1,6 +1,7 @@
-"""The CPU bf16 linear over vLLM's fp32 oneDNN GEMM (model_executor/layers/cpu_gemm.py).
+"""The CPU bf16 linears over fp32 GEMMs (model_executor/layers/cpu_gemm.py): vLLM's oneDNN
+for wide outputs, torch's fp32 GEMM for narrow ones (gates, routers).
 
-The op runs on every x86 CPU (oneDNN fp32 exists everywhere); the models switch to it only
+Both run on every x86 CPU (fp32 GEMMs exist everywhere); the models switch to them only
 where oneDNN has no bf16 matmul, which test_laguna_modes' bf16 run covers end to end.
 """
 
@@ -40,6 +41,18 @@ def test_equals_the_fp32_product_of_the_bf16_values(rows, with_bias):
     torch.testing.assert_close(out.float(), _fp32_product(x, w, b).float(), rtol=2**-7, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4096])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_narrow_linear_equals_the_fp32_product_of_the_bf16_values(rows, with_bias):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, IN, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(16, IN, generator=gen) * 0.1).to(torch.bfloat16)
+    b = torch.randn(16, generator=gen).to(torch.bfloat16) if with_bias else None
+    out = cpu_gemm._fp32_torch_linear(w)(x, w, b)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 16)
+    torch.testing.assert_close(out.float(), _fp32_product(x, w, b).float(), rtol=2**-7, atol=1e-5)
+
+
 def test_row_count_is_not_a_compile_guard():
     """Under torch.compile with dynamic rows the op is one opaque node: one graph serves a
     single row (bf16 GEMV) and many rows (oneDNN)."""
@@ -61,8 +74,9 @@ needs_the_hook = pytest.mark.skipif(
 )
 
 
-def _hooked(model) -> set[str]:
-    return {name for name, module in model.named_modules() if hasattr(getattr(module, "cpu_linear", None), "dnnl")}
+def _hooked(model, kind: str = "dnnl") -> set[str]:
+    """Names of the layers whose linear is oneDNN's (``dnnl``) or torch's fp32 (``weight32``)."""
+    return {name for name, module in model.named_modules() if hasattr(getattr(module, "cpu_linear", None), kind)}
 
 
 @pytest.fixture(scope="module")
@@ -74,30 +88,41 @@ def tiny_laguna_bf16(tmp_path_factory):
 def test_fp32_copies_are_made_only_where_they_fit_beside_the_kv_cache(
     process_group, tiny_laguna_bf16, monkeypatch
 ):
-    """Wide bf16 linears get oneDNN's fp32 copy (4 bytes a weight) when it takes at most half of
-    the memory available less an explicit KV cache; otherwise vLLM's dispatch stays, with a
-    warning."""
+    """bf16 linears get an fp32 copy (4 bytes a weight; oneDNN's for wide outputs, torch's for
+    narrow ones) when the copies take at most half of the memory available less an explicit KV
+    cache; otherwise vLLM's dispatch stays, with a warning."""
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # vLLM's platform turns it into bytes
     model, _ = load_model(tiny_laguna_bf16, dtype="bfloat16")
     hooked = _hooked(model)
     layers = LagunaTiny().num_layers
-    # qkv (384 wide), the dense MLP's gate_up (192) and the LM head (512); narrow outputs
-    # (o_proj/down_proj 64, per-head gates 8, routers 8) keep torch's kernel
+    # oneDNN: qkv (384 wide), the dense MLP's gate_up (192) and the LM head (512)
     assert hooked == {f"model.layers.{i}.self_attn.qkv_proj" for i in range(layers)} | {
         "model.layers.0.mlp.gate_up_proj",
         "lm_head",
     }
+    # torch fp32: o_proj and down_proj (64 wide), per-head gates (8), routers (8) and the
+    # shared experts' gate_up (64)
+    narrow = _hooked(model, "weight32")
+    attention = {f"model.layers.{i}.self_attn.{name}" for i in range(layers) for name in ("o_proj", "g_proj")}
+    mlp = {"model.layers.0.mlp.down_proj"} | {
+        f"model.layers.{i}.mlp.{name}"
+        for i in range(1, layers)
+        for name in ("gate", "shared_expert.gate_up_proj", "shared_expert.down_proj")
+    }
+    assert narrow == attention | mlp
     modules = dict(model.named_modules())
-    needed = sum(4 * modules[name].weight.numel() for name in hooked)
+    needed = sum(4 * modules[name].weight.numel() for name in hooked | narrow)
 
     warnings = []
     monkeypatch.setattr(cpu_gemm.logger, "warning", lambda msg, *args: warnings.append(msg % args))
     kv_cache = 2**30
     monkeypatch.setattr(cpu_gemm.psutil, "virtual_memory", lambda: SimpleNamespace(available=kv_cache + 2 * needed))
-    assert _hooked(load_model(tiny_laguna_bf16, dtype="bfloat16")[0]) == hooked
+    model = load_model(tiny_laguna_bf16, dtype="bfloat16")[0]
+    assert (_hooked(model), _hooked(model, "weight32")) == (hooked, narrow)
     assert warnings == []
     monkeypatch.setattr(cpu_gemm.psutil, "virtual_memory", lambda: SimpleNamespace(available=kv_cache + 2 * needed - 2))
-    assert _hooked(load_model(tiny_laguna_bf16, dtype="bfloat16")[0]) == set()
+    model = load_model(tiny_laguna_bf16, dtype="bfloat16")[0]
+    assert (_hooked(model), _hooked(model, "weight32")) == (set(), set())
     assert len(warnings) == 1 and "VLLM_CPU_KVCACHE_SPACE" in warnings[0]
 
 

@@ -1,4 +1,4 @@
-"""bf16 linears on CPUs without a bf16 matmul: fp32 oneDNN GEMMs over bf16 values.
+"""bf16 linears on CPUs without a bf16 matmul: fp32 GEMMs over bf16 values.
 
 vLLM's CPU backend runs an unquantized linear through oneDNN (``onednn_mm``, or AMX's
 packed kernel for small weights). On an x86 CPU without AVX-512/AMX, oneDNN cannot build a
@@ -8,16 +8,23 @@ slower than oneDNN's fp32 GEMM on 8-32 rows for every projection of the benchmar
 checkpoint; on one row its GEMV is about as fast as the fp32 ones (it reads half the
 bytes), and oneDNN's fp32 GEMV is 1.5x slower on the LM head.
 
-:func:`use_fp32_onednn_for_bf16` therefore gives such layers vLLM's own fp32 oneDNN
-handler over an fp32 copy of the bf16 weight for two rows and more (activations widened to
-fp32, the result rounded to bf16 once) and keeps torch's bf16 GEMV for one row. bf16 x bf16
-products are exact in fp32 and torch's bf16 kernel also accumulates in fp32, so both are
-the same math up to summation order. fp32 models, quantized layers, narrow outputs (gates,
-routers) and CPUs whose oneDNN has bf16 are left alone. The price is memory: oneDNN's fp32
-copy beside the bf16 weight, 3x the bytes of these layers (the fused-MoE experts, the bulk
-of an MoE checkpoint, keep vLLM's bf16 kernel, which is fast on AVX2). Where the copies would
-not fit beside vLLM's KV cache (:data:`MAX_SHARE_OF_AVAILABLE_MEMORY`), the layers keep vLLM's
-dispatch (what in-tree runs) instead of crowding out the KV cache on a machine short of memory.
+:func:`use_fp32_onednn_for_bf16` therefore re-dispatches such layers to fp32 GEMMs over an
+fp32 copy of the bf16 weight (activations widened to fp32, the result rounded to bf16 once):
+
+* outputs of at least :data:`MIN_OUTPUT_FEATURES`: vLLM's own fp32 oneDNN handler for two
+  rows and more, torch's bf16 GEMV for one row (:func:`bf16_linear_fp32_onednn`);
+* narrower outputs (per-head attention gates, MoE routers), where a oneDNN call costs more
+  than the product: torch's fp32 GEMM at every row count, in plain aten ops that vLLM's
+  compiled graph fuses with their neighbours. On 4096 prompt rows a [512 -> 64] router
+  took 18.5 ms in torch's bf16 kernel and 3.1 ms in fp32; at one row they are level.
+
+bf16 x bf16 products are exact in fp32 and torch's bf16 kernel also accumulates in fp32, so
+both are the same math up to summation order. fp32 models, quantized layers and CPUs whose
+oneDNN has bf16 are left alone. The price is memory: the fp32 copy beside the bf16 weight,
+3x the bytes of these layers (the fused-MoE experts, the bulk of an MoE checkpoint, keep
+vLLM's bf16 kernel, which is fast on AVX2). Where the copies would not fit beside vLLM's KV
+cache (:data:`MAX_SHARE_OF_AVAILABLE_MEMORY`), the layers keep vLLM's dispatch (what in-tree
+runs) instead of crowding out the KV cache on a machine short of memory.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import functools
 
 import psutil
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vllm import _custom_ops as ops
@@ -38,8 +46,8 @@ from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_laguna.kernels.dispatch import LIBRARY
 
-#: Output widths below this keep torch's bf16 kernel: per-head gates and routers, where a
-#: oneDNN call costs more than the product (measured: 16 x 512 is 3-6x slower in oneDNN).
+#: Output widths below this take torch's fp32 GEMM instead of oneDNN's: per-head gates and
+#: routers, where a oneDNN call costs more than the product (16 x 512 is 3-6x slower in oneDNN).
 MIN_OUTPUT_FEATURES = 128
 
 #: The fp32 copies may take at most this share of the memory that is available when the
@@ -72,7 +80,6 @@ def _eligible(module: nn.Module) -> bool:
         and isinstance(weight, torch.Tensor)
         and weight.dtype == torch.bfloat16
         and weight.dim() == 2
-        and weight.shape[0] >= MIN_OUTPUT_FEATURES
     )
 
 
@@ -125,6 +132,18 @@ def _fp32_onednn_linear(weight: torch.Tensor):
     return linear
 
 
+def _fp32_torch_linear(weight: torch.Tensor):
+    """A narrow layer's linear: torch's fp32 GEMM over an fp32 copy of ``weight`` (plain aten
+    ops, no library op, so no opaque node in vLLM's compiled graph at any row count)."""
+    weight32 = weight.float()
+
+    def linear(x: torch.Tensor, _parameter: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x.float(), weight32, None if bias is None else bias.float()).to(x.dtype)
+
+    linear.weight32 = weight32
+    return linear
+
+
 def _memory_left_for_copies() -> int:
     """This rank's part of the memory available now (a tensor- or pipeline-parallel engine's
     ranks load side by side on one machine), less the KV cache it allocates afterwards when
@@ -154,5 +173,6 @@ def use_fp32_onednn_for_bf16(model: nn.Module) -> int:
         )  # fmt: skip
         return 0
     for module in layers:
-        module.cpu_linear = _fp32_onednn_linear(module.weight.data)
+        wide = module.weight.shape[0] >= MIN_OUTPUT_FEATURES
+        module.cpu_linear = (_fp32_onednn_linear if wide else _fp32_torch_linear)(module.weight.data)
     return len(layers)
