@@ -46,7 +46,7 @@ from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 from vllm_laguna.model_executor.cpu_support import check_model
-from vllm_laguna.model_executor.layers.cpu_gemm import use_fp32_onednn_for_bf16
+from vllm_laguna.model_executor.layers.cpu_gemm import use_fp32_gemms_for_bf16
 from vllm_laguna.model_executor.layers.experts import replicate_fused_experts
 
 logger = init_logger(__name__)
@@ -229,7 +229,7 @@ class CausalLM(nn.Module, SupportsLoRA, SupportsQuant, SupportsPP):
 
     def process_weights_after_loading(self) -> None:
         """vLLM's model-level hook, after every layer's own weight processing."""
-        use_fp32_onednn_for_bf16(self)
+        use_fp32_gemms_for_bf16(self)
 
 
 class MoECausalLM(CausalLM, MixtureOfExperts):
