@@ -167,7 +167,7 @@ def use_fp32_gemms_for_bf16(model: nn.Module) -> int:
     if needed > MAX_SHARE_OF_AVAILABLE_MEMORY * left:
         logger.warning(
             "vllm-laguna: the bf16 linears keep torch's bf16 kernel, which this CPU runs 3-6x slower "
-            "than oneDNN's fp32 GEMM from 2 rows on (prompts, batches): the fp32 copies oneDNN needs "
+            "than fp32 GEMMs from 2 rows on (prompts, batches): the fp32 copies those need "
             "(%.2f GiB) are more than %d%% of the memory left beside the KV cache (%.2f GiB). "
             "Free memory or lower VLLM_CPU_KVCACHE_SPACE to get them.",
             needed / 2**30, round(100 * MAX_SHARE_OF_AVAILABLE_MEMORY), left / 2**30,
