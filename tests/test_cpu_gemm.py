@@ -1,5 +1,6 @@
-"""The CPU bf16 linears over fp32 GEMMs (model_executor/layers/cpu_gemm.py): vLLM's oneDNN
-for wide outputs, torch's fp32 GEMM for narrow ones (gates, routers).
+"""The CPU bf16 linears over fp32 GEMMs (model_executor/layers/cpu_gemm.py): for wide outputs
+FBGEMM's over an fp16 copy at decode batches and vLLM's oneDNN for prompts, torch's fp32 GEMM
+for narrow ones (gates, routers).
 
 Both run on every x86 CPU (fp32 GEMMs exist everywhere); the models switch to them only
 where oneDNN has no bf16 matmul, which test_laguna_modes' bf16 run covers end to end.
@@ -7,6 +8,7 @@ where oneDNN has no bf16 matmul, which test_laguna_modes' bf16 run covers end to
 
 from __future__ import annotations
 
+import gc
 from types import SimpleNamespace
 
 import pytest
@@ -35,10 +37,74 @@ def test_equals_the_fp32_product_of_the_bf16_values(rows, with_bias):
     w = (torch.randn(OUT, IN, generator=gen) * 0.1).to(torch.bfloat16)
     b = torch.randn(OUT, generator=gen).to(torch.bfloat16) if with_bias else None
     dnnl = ops.create_onednn_mm(w.float().t(), 8)
-    out = torch.ops.vllm_laguna.bf16_linear_fp32_onednn(x, w, b, dnnl.handler_tensor, OUT)
+    out = torch.ops.vllm_laguna.wide_bf16_linear(x, w, b, dnnl.handler_tensor, OUT)
     assert out.dtype == torch.bfloat16 and out.shape == (rows, OUT)
     # same math, another summation order: at most one bf16 rounding step apart
     torch.testing.assert_close(out.float(), _fp32_product(x, w, b).float(), rtol=2**-7, atol=1e-5)
+
+
+needs_fbgemm = pytest.mark.skipif(
+    not cpu_gemm.fbgemm_available(), reason="this torch build has no FBGEMM (not x86): no fp16 copies are made"
+)
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("shape", [(OUT, IN), (IN, OUT)], ids=["wider-out", "wider-in"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_wide_linear_equals_the_fp32_product_at_every_row_count(shape, with_bias):
+    """One layer, every branch: the fp16 copy up to MAX_FP16_ROWS rows (at one row only when
+    wider out than in, else torch's bf16 GEMV), oneDNN's fp32 beyond."""
+    gen = torch.Generator().manual_seed(shape[0])
+    w = (torch.randn(*shape, generator=gen) * 0.1).to(torch.bfloat16)
+    b = torch.randn(shape[0], generator=gen).to(torch.bfloat16) if with_bias else None
+    linear = cpu_gemm._wide_linear(w)
+    assert linear.fp16.at_one_row == (shape[0] > shape[1])
+    for rows in (1, 2, cpu_gemm.MAX_FP16_ROWS, cpu_gemm.MAX_FP16_ROWS + 1, 300):
+        x = torch.randn(rows, shape[1], generator=gen).to(torch.bfloat16)
+        out = linear(x, w, b)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, shape[0])
+        torch.testing.assert_close(out.float(), _fp32_product(x, w, b).float(), rtol=2**-7, atol=1e-5)
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("at_one_row", [True, False])
+def test_row_count_picks_the_fp16_copy_up_to_max_fp16_rows(at_one_row):
+    """The fp16 copy swapped for one of 2 * w shows which rows read it."""
+    w = (torch.randn(OUT, IN) * 0.1).to(torch.bfloat16)
+    linear = cpu_gemm._wide_linear(w)
+    doubled = torch.ops.quantized.linear_prepack_fp16(2 * w.float(), None)
+    cpu_gemm._FP16_COPIES[w.data_ptr()] = cpu_gemm._Fp16Copy(doubled, at_one_row)
+    try:
+        for rows, factor in [(1, 2 if at_one_row else 1), (2, 2), (cpu_gemm.MAX_FP16_ROWS, 2), (cpu_gemm.MAX_FP16_ROWS + 1, 1)]:
+            x = torch.randn(rows, IN).to(torch.bfloat16)
+            expected = _fp32_product(x, factor * w.float(), None)
+            torch.testing.assert_close(linear(x, w, None).float(), expected.float(), rtol=2**-7, atol=1e-5)
+    finally:  # while the layer lives, so that its end removes the entry
+        cpu_gemm._FP16_COPIES[w.data_ptr()] = linear.fp16
+
+
+@needs_fbgemm
+def test_fp16_copies_live_as_long_as_their_layer():
+    """The op finds a layer's fp16 copy by the weight's address: the entry goes with the layer,
+    so a later weight at the same address cannot meet a stale copy."""
+    w = (torch.randn(OUT, IN) * 0.1).to(torch.bfloat16)
+    gc.collect()  # earlier tests' layers
+    before = len(cpu_gemm._FP16_COPIES)
+    linear = cpu_gemm._wide_linear(w)
+    assert cpu_gemm._FP16_COPIES[w.data_ptr()] is linear.fp16
+    del linear
+    gc.collect()
+    assert w.data_ptr() not in cpu_gemm._FP16_COPIES and len(cpu_gemm._FP16_COPIES) == before
+
+
+@needs_fbgemm
+def test_weights_beyond_fp16_range_keep_the_fp32_gemm():
+    w = (torch.randn(OUT, IN) * 0.1).to(torch.bfloat16)
+    w[3, 5] = 70000.0
+    linear = cpu_gemm._wide_linear(w)
+    assert not hasattr(linear, "fp16") and w.data_ptr() not in cpu_gemm._FP16_COPIES
+    x = torch.randn(4, IN).to(torch.bfloat16)
+    torch.testing.assert_close(linear(x, w, None).float(), _fp32_product(x, w, None).float(), rtol=2**-7, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4096])
@@ -60,7 +126,7 @@ def test_row_count_is_not_a_compile_guard():
     dnnl = ops.create_onednn_mm(w.float().t(), 8)
 
     def linear(x):
-        return torch.ops.vllm_laguna.bf16_linear_fp32_onednn(x, w, None, dnnl.handler_tensor, OUT) * 2
+        return torch.ops.vllm_laguna.wide_bf16_linear(x, w, None, dnnl.handler_tensor, OUT) * 2
 
     compiled = torch.compile(linear, backend="eager", dynamic=True, fullgraph=True)
     for rows in (1, 7):
@@ -75,7 +141,8 @@ needs_the_hook = pytest.mark.skipif(
 
 
 def _hooked(model, kind: str = "dnnl") -> set[str]:
-    """Names of the layers whose linear is oneDNN's (``dnnl``) or torch's fp32 (``weight32``)."""
+    """Names of the layers whose linear is oneDNN's (``dnnl``), has an fp16 copy (``fp16``) or is
+    torch's fp32 (``weight32``)."""
     return {name for name, module in model.named_modules() if hasattr(getattr(module, "cpu_linear", None), kind)}
 
 
@@ -110,8 +177,12 @@ def test_fp32_copies_are_made_only_where_they_fit_beside_the_kv_cache(
         for name in ("gate", "shared_expert.gate_up_proj", "shared_expert.down_proj")
     }
     assert narrow == attention | mlp
+    # FBGEMM's fp16 copies (2 bytes a weight more) beside the wide layers' fp32 ones
+    fp16 = _hooked(model, "fp16")
+    assert fp16 == (hooked if cpu_gemm.fbgemm_available() else set())
     modules = dict(model.named_modules())
     needed = sum(4 * modules[name].weight.numel() for name in hooked | narrow)
+    needed += sum(2 * modules[name].weight.numel() for name in fp16)
 
     warnings = []
     monkeypatch.setattr(cpu_gemm.logger, "warning", lambda msg, *args: warnings.append(msg % args))

@@ -11,8 +11,11 @@ bytes), and oneDNN's fp32 GEMV is 1.5x slower on the LM head.
 :func:`use_fp32_gemms_for_bf16` therefore re-dispatches such layers to fp32 GEMMs over an
 fp32 copy of the bf16 weight (activations widened to fp32, the result rounded to bf16 once):
 
-* outputs of at least :data:`MIN_OUTPUT_FEATURES`: vLLM's own fp32 oneDNN handler for two
-  rows and more, torch's bf16 GEMV for one row (:func:`bf16_linear_fp32_onednn`);
+* outputs of at least :data:`MIN_OUTPUT_FEATURES` (:func:`wide_bf16_linear`): up to
+  :data:`MAX_FP16_ROWS` rows (decode), FBGEMM's GEMM over an fp16 copy (fp32 arithmetic,
+  half the bytes of fp32 weights: an AVX2 GEMM at small batches is bound by reading the
+  weights); vLLM's own fp32 oneDNN handler for more rows (prompts); torch's bf16 GEMV for one
+  row in layers no wider out than in, where it is as fast as FBGEMM's;
 * narrower outputs (per-head attention gates, MoE routers), where a oneDNN call costs more
   than the product: torch's fp32 GEMM at every row count, in plain aten ops that vLLM's
   compiled graph fuses with their neighbours. On 4096 prompt rows a [512 -> 64] router
@@ -20,9 +23,10 @@ fp32 copy of the bf16 weight (activations widened to fp32, the result rounded to
   they are level (eager: ~5 us more a call in fp32).
 
 bf16 x bf16 products are exact in fp32 and torch's bf16 kernel also accumulates in fp32, so
-both are the same math up to summation order. fp32 models, quantized layers and CPUs whose
-oneDNN has bf16 are left alone. The price is memory: the fp32 copy beside the bf16 weight,
-3x the bytes of these layers (the fused-MoE experts, the bulk of an MoE checkpoint, keep
+all are the same math up to summation order (fp16 holds bf16's values but the tiniest,
+:func:`fp16_holds_exactly`). fp32 models, quantized layers and CPUs whose
+oneDNN has bf16 are left alone. The price is memory: the fp32 and fp16 copies beside the bf16 weight,
+4x the bytes of these layers (the fused-MoE experts, the bulk of an MoE checkpoint, keep
 vLLM's bf16 kernel, which is fast on AVX2). Where the copies would not fit beside vLLM's KV
 cache (:data:`MAX_SHARE_OF_AVAILABLE_MEMORY`), the layers keep vLLM's dispatch (what in-tree
 runs) instead of crowding out the KV cache on a machine short of memory.
@@ -31,6 +35,8 @@ runs) instead of crowding out the KV cache on a machine short of memory.
 from __future__ import annotations
 
 import functools
+import weakref
+from typing import NamedTuple
 
 import psutil
 import torch
@@ -50,6 +56,11 @@ from vllm_laguna.kernels.dispatch import LIBRARY
 #: Output widths below this take torch's fp32 GEMM instead of oneDNN's: per-head gates and
 #: routers, where a oneDNN call costs more than the product (16 x 512 is 3-6x slower in oneDNN).
 MIN_OUTPUT_FEATURES = 128
+
+#: Wide layers take FBGEMM's fp16-weight GEMM up to this many rows (decode batches), where
+#: reading half of oneDNN's fp32 bytes wins (8 rows: 1.4-1.7x); from 64 rows on oneDNN's fp32
+#: GEMM is as fast or faster (the LM head: 1.3x at 64 rows).
+MAX_FP16_ROWS = 32
 
 #: The fp32 copies may take at most this share of the memory that is available when the
 #: weights are loaded (a parallel engine's rank: its part of it), less an explicitly sized KV
@@ -84,40 +95,88 @@ def _eligible(module: nn.Module) -> bool:
     )
 
 
-def bf16_linear_fp32_onednn(
+def wide_bf16_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, handler: torch.Tensor, n: int
 ) -> torch.Tensor:
-    """``x [M, K] bf16 @ weight [N, K]^T (+ bias)`` -> ``[M, N]`` bf16.
+    """``x [M, K] bf16 @ weight [N, K]^T (+ bias)`` -> ``[M, N]`` bf16, by row count:
 
-    One row: torch's bf16 GEMV (``weight``), which reads half the bytes of an fp32 one.
-    More rows: vLLM's oneDNN fp32 GEMM (``handler``, an fp32 copy of ``weight`` packed by
-    oneDNN) over the widened activations. A library op so that the row-count branch runs
-    at call time under torch.compile instead of becoming a guard. Registered with vLLM's
-    ``direct_register_custom_op`` (a plain CPU kernel), not ``torch.library.custom_op``,
-    whose Python dispatch cost about 50 us a call: at one row, 33 calls a decode step
-    made the plugin's Llama 4 step ~2 ms slower than vLLM in-tree's plain ``F.linear``.
+    * up to :data:`MAX_FP16_ROWS` rows, where the layer has one (:func:`_register_fp16_copy`):
+      FBGEMM's fp16-weight GEMM, which reads half the bytes of an fp32 one; at one row only
+      for layers wider out than in, where it beats torch's bf16 GEMV;
+    * one row otherwise: torch's bf16 GEMV (``weight``);
+    * more rows: vLLM's oneDNN fp32 GEMM (``handler``, an fp32 copy of ``weight`` packed by
+      oneDNN) over the widened activations.
+
+    A library op so that the row-count branch runs at call time under torch.compile instead
+    of becoming a guard. Registered with vLLM's ``direct_register_custom_op`` (a plain CPU
+    kernel), not ``torch.library.custom_op``, whose Python dispatch cost about 50 us a call:
+    at one row, 33 calls a decode step made the plugin's Llama 4 step ~2 ms slower than vLLM
+    in-tree's plain ``F.linear``. The fp16 copy is looked up by the weight's address: a
+    library op cannot take FBGEMM's packed object, and an index in the compiled graph would
+    outlive the process that numbered it (vLLM caches compiled graphs on disk).
     """
-    if x.shape[0] == 1:
-        return torch.nn.functional.linear(x, weight, bias)
-    out = torch.empty((x.shape[0], n), dtype=torch.float32, device=x.device)
-    torch.ops._C.onednn_mm(out, x.float(), None if bias is None else bias.float(), handler)
+    rows = x.shape[0]
+    fp16 = _FP16_COPIES.get(weight.data_ptr()) if rows <= MAX_FP16_ROWS else None
+    if fp16 is not None and (rows > 1 or fp16.at_one_row):
+        out = torch.ops.quantized.linear_dynamic_fp16(x.float(), fp16.packed)
+    elif rows == 1:
+        return F.linear(x, weight, bias)
+    else:
+        out = torch.empty((rows, n), dtype=torch.float32, device=x.device)
+        torch.ops._C.onednn_mm(out, x.float(), None, handler)
+    if bias is not None:
+        out += bias.float()
     return out.to(x.dtype)
 
 
-def _bf16_linear_fp32_onednn_fake(x, weight, bias, handler, n):
+def _wide_bf16_linear_fake(x, weight, bias, handler, n):
     return x.new_empty((x.shape[0], n))
 
 
 direct_register_custom_op(
-    "bf16_linear_fp32_onednn",
-    bf16_linear_fp32_onednn,
-    fake_impl=_bf16_linear_fp32_onednn_fake,
+    "wide_bf16_linear",
+    wide_bf16_linear,
+    fake_impl=_wide_bf16_linear_fake,
     target_lib=LIBRARY,
     dispatch_key="CPU",
 )
 
 
-def _fp32_onednn_linear(weight: torch.Tensor):
+class _Fp16Copy(NamedTuple):
+    packed: torch.ScriptObject  # FBGEMM's packed fp16 weight
+    at_one_row: bool
+
+
+#: weight address -> its fp16 copy, for the layers alive now (see :func:`wide_bf16_linear`)
+_FP16_COPIES: dict[int, _Fp16Copy] = {}
+
+
+@functools.cache
+def fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def fp16_holds_exactly(weight: torch.Tensor) -> bool:
+    """Whether fp16 holds ``weight``'s bf16 values: every value in fp16's range (|w| <= 65504).
+    Below 2**-17 fp16's subnormal steps (2**-24) are coarser than bf16's, so such values move by
+    at most 2**-25: ~1e-5 of the output's bf16 rounding step, far under the summation-order
+    differences the fp32 GEMMs already have."""
+    return bool(weight.abs().max() <= torch.finfo(torch.float16).max)
+
+
+def _register_fp16_copy(linear, weight: torch.Tensor) -> None:
+    if not fbgemm_available() or not fp16_holds_exactly(weight):
+        return
+    out_features, in_features = weight.shape
+    copy = _Fp16Copy(torch.ops.quantized.linear_prepack_fp16(weight.float(), None), out_features > in_features)
+    key = weight.data_ptr()
+    _FP16_COPIES[key] = copy
+    # the closure holds ``weight``, so its address is not reused before this runs
+    weakref.finalize(linear, lambda: _FP16_COPIES.pop(key, None) if _FP16_COPIES.get(key) is copy else None)
+    linear.fp16 = copy
+
+
+def _wide_linear(weight: torch.Tensor):
     """``weight`` is the layer's plain tensor (``.data``), shared with the parameter."""
     dnnl = ops.create_onednn_mm(weight.float().t(), 32)
 
@@ -125,11 +184,12 @@ def _fp32_onednn_linear(weight: torch.Tensor):
         # The op gets the plain tensor, not vLLM's parameter subclass, whose
         # ``__torch_function__`` costs 4-9 us a call (one-row step: 33 calls).
         flat = x.reshape(-1, x.shape[-1])
-        out = torch.ops.vllm_laguna.bf16_linear_fp32_onednn(flat, weight, bias, dnnl.handler_tensor, dnnl.n)
+        out = torch.ops.vllm_laguna.wide_bf16_linear(flat, weight, bias, dnnl.handler_tensor, dnnl.n)
         return out.view(*x.shape[:-1], dnnl.n)
 
     # the handler releases oneDNN's copy when it is collected: keep it with the closure
     linear.dnnl = dnnl
+    _register_fp16_copy(linear, weight)
     return linear
 
 
@@ -154,6 +214,12 @@ def _memory_left_for_copies() -> int:
     return share - (config.cache_config.kv_cache_memory_bytes or 0)
 
 
+def _copy_bytes_per_weight(module: nn.Module) -> int:
+    """fp32 (4 bytes), and for wide layers FBGEMM's fp16 (2 bytes) where FBGEMM exists."""
+    wide = module.weight.shape[0] >= MIN_OUTPUT_FEATURES
+    return 4 + (2 if wide and fbgemm_available() else 0)
+
+
 def use_fp32_gemms_for_bf16(model: nn.Module) -> int:
     """Re-dispatches the bf16 linears of ``model`` (run after vLLM's own dispatch, from the
     model's ``process_weights_after_loading``); returns how many layers it changed."""
@@ -162,7 +228,7 @@ def use_fp32_gemms_for_bf16(model: nn.Module) -> int:
     layers = [module for module in model.modules() if _eligible(module)]
     if not layers:  # fp32 or quantized: nothing to copy, no memory to weigh
         return 0
-    needed = sum(4 * module.weight.numel() for module in layers)
+    needed = sum(_copy_bytes_per_weight(module) * module.weight.numel() for module in layers)
     left = _memory_left_for_copies()
     if needed > MAX_SHARE_OF_AVAILABLE_MEMORY * left:
         logger.warning(
@@ -175,5 +241,5 @@ def use_fp32_gemms_for_bf16(model: nn.Module) -> int:
         return 0
     for module in layers:
         wide = module.weight.shape[0] >= MIN_OUTPUT_FEATURES
-        module.cpu_linear = (_fp32_onednn_linear if wide else _fp32_torch_linear)(module.weight.data)
+        module.cpu_linear = (_wide_linear if wide else _fp32_torch_linear)(module.weight.data)
     return len(layers)
