@@ -24,7 +24,7 @@ fp32 copy of the bf16 weight (activations widened to fp32, the result rounded to
 
 bf16 x bf16 products are exact in fp32 and torch's bf16 kernel also accumulates in fp32, so
 all are the same math up to summation order (fp16 holds bf16's values but the tiniest,
-:func:`fp16_holds_exactly`). fp32 models, quantized layers and CPUs whose
+:func:`fits_fp16_range`). fp32 models, quantized layers and CPUs whose
 oneDNN has bf16 are left alone. The price is memory: the fp32 and fp16 copies beside the bf16 weight,
 4x the bytes of these layers (the fused-MoE experts, the bulk of an MoE checkpoint, keep
 vLLM's bf16 kernel, which is fast on AVX2). Where the copies would not fit beside vLLM's KV
@@ -119,13 +119,13 @@ def wide_bf16_linear(
     fp16 = _FP16_COPIES.get(weight.data_ptr()) if rows <= MAX_FP16_ROWS else None
     if fp16 is not None and (rows > 1 or fp16.at_one_row):
         out = torch.ops.quantized.linear_dynamic_fp16(x.float(), fp16.packed)
+        if bias is not None:
+            out += bias.float()
     elif rows == 1:
         return F.linear(x, weight, bias)
     else:
         out = torch.empty((rows, n), dtype=torch.float32, device=x.device)
-        torch.ops._C.onednn_mm(out, x.float(), None, handler)
-    if bias is not None:
-        out += bias.float()
+        torch.ops._C.onednn_mm(out, x.float(), None if bias is None else bias.float(), handler)
     return out.to(x.dtype)
 
 
@@ -156,16 +156,16 @@ def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
-def fp16_holds_exactly(weight: torch.Tensor) -> bool:
-    """Whether fp16 holds ``weight``'s bf16 values: every value in fp16's range (|w| <= 65504).
-    Below 2**-17 fp16's subnormal steps (2**-24) are coarser than bf16's, so such values move by
-    at most 2**-25: ~1e-5 of the output's bf16 rounding step, far under the summation-order
-    differences the fp32 GEMMs already have."""
+def fits_fp16_range(weight: torch.Tensor) -> bool:
+    """Whether fp16 holds ``weight``'s bf16 values: exactly from 2**-17 to 65504 in magnitude.
+    Beyond 65504 it cannot (the layer gets no fp16 copy); below 2**-17 fp16's subnormal steps
+    (2**-24) are coarser than bf16's, so such values move by at most 2**-25: ~1e-5 of the
+    output's bf16 rounding step, far under the summation-order differences fp32 GEMMs have."""
     return bool(weight.abs().max() <= torch.finfo(torch.float16).max)
 
 
 def _register_fp16_copy(linear, weight: torch.Tensor) -> None:
-    if not fbgemm_available() or not fp16_holds_exactly(weight):
+    if not fbgemm_available() or not fits_fp16_range(weight):
         return
     out_features, in_features = weight.shape
     copy = _Fp16Copy(torch.ops.quantized.linear_prepack_fp16(weight.float(), None), out_features > in_features)
