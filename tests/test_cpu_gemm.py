@@ -58,7 +58,7 @@ def test_wide_linear_equals_the_fp32_product_at_every_row_count(shape, with_bias
     w = (torch.randn(*shape, generator=gen) * 0.1).to(torch.bfloat16)
     b = torch.randn(shape[0], generator=gen).to(torch.bfloat16) if with_bias else None
     linear = cpu_gemm._wide_linear(w)
-    assert linear.fp16.at_one_row == (shape[0] > shape[1])
+    assert linear.fp16.at_one_row == (shape[0] > shape[1]) and linear.fp16.max_rows == cpu_gemm.MAX_FP16_ROWS
     for rows in (1, 2, cpu_gemm.MAX_FP16_ROWS, cpu_gemm.MAX_FP16_ROWS + 1, 300):
         x = torch.randn(rows, shape[1], generator=gen).to(torch.bfloat16)
         out = linear(x, w, b)
@@ -68,19 +68,28 @@ def test_wide_linear_equals_the_fp32_product_at_every_row_count(shape, with_bias
 
 @needs_fbgemm
 @pytest.mark.parametrize("at_one_row", [True, False])
-def test_row_count_picks_the_fp16_copy_up_to_max_fp16_rows(at_one_row):
+@pytest.mark.parametrize("max_rows", [cpu_gemm.MAX_FP16_ROWS, cpu_gemm.MAX_FP16_ROWS_VOCAB])
+def test_row_count_picks_the_fp16_copy_up_to_its_max_rows(at_one_row, max_rows):
     """The fp16 copy swapped for one of 2 * w shows which rows read it."""
     w = (torch.randn(OUT, IN) * 0.1).to(torch.bfloat16)
     linear = cpu_gemm._wide_linear(w)
     doubled = torch.ops.quantized.linear_prepack_fp16(2 * w.float(), None)
-    cpu_gemm._FP16_COPIES[w.data_ptr()] = cpu_gemm._Fp16Copy(doubled, at_one_row)
+    cpu_gemm._FP16_COPIES[w.data_ptr()] = cpu_gemm._Fp16Copy(doubled, at_one_row, max_rows)
     try:
-        for rows, factor in [(1, 2 if at_one_row else 1), (2, 2), (cpu_gemm.MAX_FP16_ROWS, 2), (cpu_gemm.MAX_FP16_ROWS + 1, 1)]:
+        for rows, factor in [(1, 2 if at_one_row else 1), (2, 2), (max_rows, 2), (max_rows + 1, 1)]:
             x = torch.randn(rows, IN).to(torch.bfloat16)
             expected = _fp32_product(x, factor * w.float(), None)
             torch.testing.assert_close(linear(x, w, None).float(), expected.float(), rtol=2**-7, atol=1e-5)
     finally:  # while the layer lives, so that its end removes the entry
         cpu_gemm._FP16_COPIES[w.data_ptr()] = linear.fp16
+
+
+@needs_fbgemm
+def test_lm_head_wide_layers_stop_at_fewer_fp16_rows():
+    for out_features, max_rows in [(cpu_gemm.VOCAB_OUTPUT_FEATURES - 1, cpu_gemm.MAX_FP16_ROWS),
+                                   (cpu_gemm.VOCAB_OUTPUT_FEATURES, cpu_gemm.MAX_FP16_ROWS_VOCAB)]:  # fmt: skip
+        w = (torch.randn(out_features, 32) * 0.1).to(torch.bfloat16)
+        assert cpu_gemm._wide_linear(w).fp16.max_rows == max_rows
 
 
 @needs_fbgemm

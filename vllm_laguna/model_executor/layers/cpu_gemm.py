@@ -58,9 +58,15 @@ from vllm_laguna.kernels.dispatch import LIBRARY
 MIN_OUTPUT_FEATURES = 128
 
 #: Wide layers take FBGEMM's fp16-weight GEMM up to this many rows (decode batches), where
-#: reading half of oneDNN's fp32 bytes wins (8 rows: 1.4-1.7x); from 64 rows on oneDNN's fp32
-#: GEMM is as fast or faster (the LM head: 1.3x at 64 rows).
+#: reading half of oneDNN's fp32 bytes wins (8 rows: 1.4-1.7x; 32 rows: 1.1-1.5x); from 64
+#: rows on oneDNN's fp32 GEMM is as fast or faster.
 MAX_FP16_ROWS = 32
+
+#: Outputs at least this wide (LM heads) stop at :data:`MAX_FP16_ROWS_VOCAB` rows: FBGEMM's fp16
+#: kernel computes more slowly than oneDNN's fp32 one, and on these it starts to matter sooner
+#: ([32 x 1024] x [1024 -> 32768]: 32.0 ms against oneDNN's 27.2; at 16 rows 17.4 against 20.2).
+VOCAB_OUTPUT_FEATURES = 8192
+MAX_FP16_ROWS_VOCAB = 16
 
 #: The fp32 copies may take at most this share of the memory that is available when the
 #: weights are loaded (a parallel engine's rank: its part of it), less an explicitly sized KV
@@ -100,9 +106,10 @@ def wide_bf16_linear(
 ) -> torch.Tensor:
     """``x [M, K] bf16 @ weight [N, K]^T (+ bias)`` -> ``[M, N]`` bf16, by row count:
 
-    * up to :data:`MAX_FP16_ROWS` rows, where the layer has one (:func:`_register_fp16_copy`):
-      FBGEMM's fp16-weight GEMM, which reads half the bytes of an fp32 one; at one row only
-      for layers wider out than in, where it beats torch's bf16 GEMV;
+    * up to :data:`MAX_FP16_ROWS` rows (LM heads: :data:`MAX_FP16_ROWS_VOCAB`), where the layer
+      has one (:func:`_register_fp16_copy`): FBGEMM's fp16-weight GEMM, which reads half the
+      bytes of an fp32 one; at one row only for layers wider out than in, where it beats
+      torch's bf16 GEMV;
     * one row otherwise: torch's bf16 GEMV (``weight``);
     * more rows: vLLM's oneDNN fp32 GEMM (``handler``, an fp32 copy of ``weight`` packed by
       oneDNN) over the widened activations.
@@ -117,7 +124,7 @@ def wide_bf16_linear(
     """
     rows = x.shape[0]
     fp16 = _FP16_COPIES.get(weight.data_ptr()) if rows <= MAX_FP16_ROWS else None
-    if fp16 is not None and (rows > 1 or fp16.at_one_row):
+    if fp16 is not None and (1 < rows <= fp16.max_rows or (rows == 1 and fp16.at_one_row)):
         out = torch.ops.quantized.linear_dynamic_fp16(x.float(), fp16.packed)
         if bias is not None:
             out += bias.float()
@@ -145,6 +152,7 @@ direct_register_custom_op(
 class _Fp16Copy(NamedTuple):
     packed: torch.ScriptObject  # FBGEMM's packed fp16 weight
     at_one_row: bool
+    max_rows: int
 
 
 #: weight address -> its fp16 copy, for the layers alive now (see :func:`wide_bf16_linear`)
@@ -168,7 +176,9 @@ def _register_fp16_copy(linear, weight: torch.Tensor) -> None:
     if not fbgemm_available() or not fits_fp16_range(weight):
         return
     out_features, in_features = weight.shape
-    copy = _Fp16Copy(torch.ops.quantized.linear_prepack_fp16(weight.float(), None), out_features > in_features)
+    max_rows = MAX_FP16_ROWS_VOCAB if out_features >= VOCAB_OUTPUT_FEATURES else MAX_FP16_ROWS
+    packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
+    copy = _Fp16Copy(packed, out_features > in_features, max_rows)
     key = weight.data_ptr()
     _FP16_COPIES[key] = copy
     # the closure holds ``weight``, so its address is not reused before this runs
