@@ -24,6 +24,9 @@ def process_group(tmp_path_factory):
     import vllm_laguna
 
     vllm_laguna.register()
+    # an in-process engine that ran earlier in this worker may have left vLLM's groups up
+    # (seen once, in a fresh clone's run, at this fixture's setup): start from none
+    cleanup_dist_env_and_memory()
     with set_current_vllm_config(VllmConfig()):
         init_distributed_environment(1, 0, f"file://{tmp_path_factory.mktemp('dist') / 'init'}", 0, "gloo")
         initialize_model_parallel(1, 1)
