@@ -224,10 +224,13 @@ def _memory_left_for_copies() -> int:
     return share - (config.cache_config.kv_cache_memory_bytes or 0)
 
 
+def _is_wide(module: nn.Module) -> bool:
+    return module.weight.shape[0] >= MIN_OUTPUT_FEATURES
+
+
 def _copy_bytes_per_weight(module: nn.Module) -> int:
     """fp32 (4 bytes), and for wide layers FBGEMM's fp16 (2 bytes) where FBGEMM exists."""
-    wide = module.weight.shape[0] >= MIN_OUTPUT_FEATURES
-    return 4 + (2 if wide and fbgemm_available() else 0)
+    return 4 + (2 if _is_wide(module) and fbgemm_available() else 0)
 
 
 def use_fp32_gemms_for_bf16(model: nn.Module) -> int:
@@ -250,6 +253,5 @@ def use_fp32_gemms_for_bf16(model: nn.Module) -> int:
         )  # fmt: skip
         return 0
     for module in layers:
-        wide = module.weight.shape[0] >= MIN_OUTPUT_FEATURES
-        module.cpu_linear = (_wide_linear if wide else _fp32_torch_linear)(module.weight.data)
+        module.cpu_linear = (_wide_linear if _is_wide(module) else _fp32_torch_linear)(module.weight.data)
     return len(layers)
