@@ -160,9 +160,7 @@ def vllm_run(
     """:func:`vllm_greedy`, and ``inspect(model)`` run on the loaded model (via
     ``LLM.apply_model``) before generating; ``prompt_logprobs`` fills ``Greedy.prompt_top5``.
     Returns ``(greedy results, inspect result)``."""
-    from vllm import LLM
-
-    llm = LLM(**engine_kwargs(model_dir, dtype, **llm_kwargs))
+    llm = start_engine(model_dir, dtype, **llm_kwargs)
     try:
         inspected = llm.apply_model(inspect)[0] if inspect is not None else None
         greedy = generate_greedy(llm, prompts, max_new_tokens, num_logprobs, prompt_logprobs)
@@ -218,12 +216,8 @@ def vllm_spec_run(
     **llm_kwargs,
 ) -> tuple[list[Greedy], SpecStats]:
     """:func:`vllm_greedy` with speculative decoding, and the engine's acceptance counters."""
-    from vllm import LLM
-
-    llm = LLM(
-        **engine_kwargs(
-            model_dir, dtype, speculative_config=speculative_config, disable_log_stats=False, **llm_kwargs
-        )
+    llm = start_engine(
+        model_dir, dtype, speculative_config=speculative_config, disable_log_stats=False, **llm_kwargs
     )
     try:
         greedy = generate_greedy(llm, prompts, max_new_tokens, num_logprobs=5)
@@ -241,21 +235,32 @@ def vllm_spec_run(
 def load_error(model_dir: str | Path, dtype: str = "bfloat16", **llm_kwargs) -> str:
     """What vLLM says when it refuses to load ``model_dir`` with these engine arguments: the
     messages of the raised exception and its causes. Fails if the engine loads."""
-    from vllm import LLM
-    from vllm.distributed import cleanup_dist_env_and_memory
-
     try:
-        llm = LLM(**engine_kwargs(model_dir, dtype, **llm_kwargs))
+        llm = start_engine(model_dir, dtype, **llm_kwargs)
     except Exception as error:  # noqa: BLE001 - whatever vLLM raises is what the user sees
         messages = []
         while error is not None:
             messages.append(f"{type(error).__name__}: {error}")
             error = error.__cause__ or error.__context__
-        gc.collect()
-        cleanup_dist_env_and_memory()
         return "\n".join(messages)
     shutdown(llm)
     raise AssertionError(f"vLLM loaded {model_dir} with {llm_kwargs} and dtype={dtype}")
+
+
+def start_engine(model_dir: str | Path, dtype: str = "float32", **llm_kwargs):
+    """``LLM(**engine_kwargs(...))`` in this process. An engine that fails to start (a test of a
+    load error) has already set up vLLM's distributed groups; they are torn down before the
+    error propagates, or the next engine or process group in this pytest worker would find
+    them up ("tensor model parallel group is already initialized")."""
+    from vllm import LLM
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    try:
+        return LLM(**engine_kwargs(model_dir, dtype, **llm_kwargs))
+    except BaseException:
+        gc.collect()
+        cleanup_dist_env_and_memory()
+        raise
 
 
 def shutdown(llm) -> None:

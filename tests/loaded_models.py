@@ -24,8 +24,8 @@ def process_group(tmp_path_factory):
     import vllm_laguna
 
     vllm_laguna.register()
-    # an in-process engine that ran earlier in this worker may have left vLLM's groups up
-    # (seen once, in a fresh clone's run, at this fixture's setup): start from none
+    # start from no groups whatever ran before in this worker (engines that fail to start
+    # used to leave theirs up; harness.start_engine now tears them down)
     cleanup_dist_env_and_memory()
     with set_current_vllm_config(VllmConfig()):
         init_distributed_environment(1, 0, f"file://{tmp_path_factory.mktemp('dist') / 'init'}", 0, "gloo")

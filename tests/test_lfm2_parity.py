@@ -21,13 +21,13 @@ from harness import (
     Greedy,
     assert_feature_changes_reference,
     assert_parity,
-    engine_kwargs,
     hf_greedy,
     keys_left_at_default,
     low_precision_gaps,
     prompts_for,
     reference_logprobs,
     shutdown,
+    start_engine,
     vllm_run,
 )
 from vllm_laguna.configs.lfm2 import parse_lfm2_config
@@ -138,7 +138,7 @@ def test_conv_state_in_another_dtype_than_the_model(checkpoint, prompts, monkeyp
     the bf16 bounds of exact arithmetic (``harness.BF16``). Also: vLLM's profile run (the start-up memory profile on GPUs, the compile
     warm-up on CPU) reaches the conv without any attention metadata, the one case
     ``short_conv.step_metadata`` lets through; real steps always bring it."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     from vllm_laguna.model_executor.layers import short_conv
 
@@ -152,7 +152,7 @@ def test_conv_state_in_another_dtype_than_the_model(checkpoint, prompts, monkeyp
 
     ckpt = checkpoint("v5")
     monkeypatch.setattr(short_conv, "step_metadata", recording)
-    llm = LLM(**engine_kwargs(ckpt, mamba_cache_dtype="bfloat16"))
+    llm = start_engine(ckpt, mamba_cache_dtype="bfloat16")
     try:
         state_dtypes = llm.apply_model(
             lambda model: {layer.conv.kv_cache[0].dtype for layer in model.model.layers if layer.is_conv}

@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from harness import Greedy, assert_parity, engine_kwargs, hf_model_greedy, max_logprob_gap, prompts_for, shutdown
+from harness import Greedy, assert_parity, hf_model_greedy, max_logprob_gap, prompts_for, shutdown, start_engine
 from loaded_models import load_model, process_group  # noqa: F401 (fixture)
 from lora_adapters import build_peft_adapter
 from vllm_laguna.model_executor.layers.experts import ExpertsLoRAUnsupported
@@ -63,7 +63,7 @@ CASES = {
 def run(request, tmp_path_factory):
     """Checkpoint, adapter, transformers with and without it, and one vLLM engine's batch
     of every prompt with and without it."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
     build, peft_targets, vllm_targets = CASES[request.param]
@@ -77,9 +77,7 @@ def run(request, tmp_path_factory):
         hf_base = hf_model_greedy(peft_model, prompts)
     del peft_model
 
-    llm = LLM(
-        **engine_kwargs(ckpt, enable_lora=True, max_lora_rank=RANK, max_loras=2, lora_target_modules=vllm_targets)
-    )
+    llm = start_engine(ckpt, enable_lora=True, max_lora_rank=RANK, max_loras=2, lora_target_modules=vllm_targets)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=32, logprobs=5, ignore_eos=True)
         lora = LoRARequest("adapter", 1, str(adapter))

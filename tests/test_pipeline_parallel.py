@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness import assert_parity, engine_kwargs, generate_greedy, hf_greedy, prompts_for, shutdown
+from harness import assert_parity, generate_greedy, hf_greedy, prompts_for, shutdown, start_engine
 from vllm_laguna.tiny.laguna import build_laguna
 from vllm_laguna.tiny.lfm2 import build_lfm2
 from vllm_laguna.tiny.llama4 import build_llama4
@@ -53,9 +53,8 @@ def test_two_stages(build, tied, tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     checkpoint = build(tmp_path / "ckpt")
     expected = hf_greedy(checkpoint, PROMPTS, max_new_tokens=16)
-    from vllm import LLM
 
-    llm = LLM(**engine_kwargs(checkpoint, **PIPELINE_2))
+    llm = start_engine(checkpoint, **PIPELINE_2)
     try:
         layouts = llm.apply_model(stage_layout)
         actual = generate_greedy(llm, PROMPTS, max_new_tokens=16)

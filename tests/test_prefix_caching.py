@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness import Greedy, assert_parity, engine_kwargs, prompts_for, shutdown
+from harness import Greedy, assert_parity, prompts_for, shutdown, start_engine
 from vllm_laguna.tiny.laguna import build_laguna
 from vllm_laguna.tiny.llama4 import build_llama4
 
@@ -47,9 +47,8 @@ def _run(ckpt, prefix_caching: bool):
     """Greedy decoding of the first prompt, then of all of them (its cache, if on, warm).
     Returns the second batch's results and cached-token counts, the first prompt's count,
     and the kinds of the engine's KV-cache groups."""
-    from vllm import LLM
 
-    llm = LLM(**engine_kwargs(ckpt, enable_prefix_caching=prefix_caching))
+    llm = start_engine(ckpt, enable_prefix_caching=prefix_caching)
     try:
         groups = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_config.kv_cache_groups
         kinds = {type(group.kv_cache_spec).__name__ for group in groups}

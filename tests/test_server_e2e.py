@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from harness import engine_kwargs
+from harness import start_engine
 from laguna_parsing import TOOLS, composed_parser_cls, parse_complete
 from serving import vllm_serve
 
@@ -113,7 +113,7 @@ def test_offline_llm_chat_with_tools(tmp_path):
     follows the script; our parsers read the raw text: reasoning ended by ``</think>``,
     content, a typed call."""
     from harness import shutdown
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     script = [
         ["<think>", "Checking", " the forecast.", "</think>", "\nOn it.\n", "<tool_call>", "get_weather",
@@ -121,7 +121,7 @@ def test_offline_llm_chat_with_tools(tmp_path):
          " 2 ", "</arg_value>\n", "</tool_call>", "</assistant>"],
     ]  # fmt: skip
     checkpoint = build_scripted(tmp_path / "ckpt", script, special_markers=False)
-    llm = LLM(**engine_kwargs(checkpoint, max_model_len=2048))
+    llm = start_engine(checkpoint, max_model_len=2048)
     try:
         (out,) = llm.chat(
             MESSAGES, SamplingParams(temperature=0, max_tokens=64), tools=TOOLS,

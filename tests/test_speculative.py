@@ -21,7 +21,7 @@ import pytest
 
 import torch
 
-from harness import assert_parity, engine_kwargs, hf_greedy, prompts_for, shutdown, vllm_spec_run
+from harness import assert_parity, hf_greedy, prompts_for, shutdown, start_engine, vllm_spec_run
 from vllm_laguna.tiny.dflash_oracle import build_dflash_oracle, cycle_prompts, successor
 from vllm_laguna.tiny.eagle3 import build_eagle3
 from vllm_laguna.tiny.laguna import build_laguna, build_laguna_dflash
@@ -94,14 +94,14 @@ def test_aux_hidden_states_are_the_residual_stream(target, request):
     """SupportsEagle3: aux state ``i`` is the residual stream entering layer ``i``, which is
     transformers' ``hidden_states[i]``."""
     from transformers import AutoModelForCausalLM
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     checkpoint = request.getfixturevalue(target)
     prompt = PROMPTS[2]
     with torch.no_grad():
         hf = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
         expected = hf(torch.tensor([prompt]), output_hidden_states=True).hidden_states
-    llm = LLM(**engine_kwargs(checkpoint))
+    llm = start_engine(checkpoint)
     try:
         llm.apply_model(capture_aux_hidden_states)
         llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1), use_tqdm=False)
