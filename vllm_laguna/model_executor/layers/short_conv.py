@@ -25,6 +25,8 @@ How the state flows through vLLM (see ``docs/DESIGN.md``):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -42,12 +44,15 @@ from vllm.model_executor.layers.mamba.mamba_utils import (
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.model_loader.weight_utils import sharded_weight_loader
 from vllm.model_executor.utils import set_weight_attrs
+from vllm.platforms import CpuArchEnum, current_platform
 from vllm.utils.torch_utils import direct_register_custom_op
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 from vllm.v1.attention.backends.short_conv_attn import ShortConvAttentionMetadata
+from vllm.v1.attention.backends.utils import PAD_SLOT_ID
 
 from vllm_laguna.configs.lfm2 import Lfm2Arch
 from vllm_laguna.kernels.causal_conv1d import causal_conv1d_decode, causal_conv1d_prefill
+from vllm_laguna.kernels.dispatch import FORCE_TORCH
 from vllm_laguna.model_executor.checkpoint import CheckpointError
 
 #: the custom op the conv runs in; piecewise CUDA graphs must split on it
@@ -180,7 +185,7 @@ class ShortConv(MambaBase, nn.Module):
         num_tokens = num_decode + metadata.num_prefill_tokens
         if metadata.num_decodes > 0:
             slots = metadata.state_indices_tensor_d[: metadata.num_decodes, 0]
-            out[:num_decode] = causal_conv1d_decode(bx[:num_decode], weight, bias, state, slots)
+            out[:num_decode] = conv_decode_step(bx[:num_decode], weight, bias, state, slots)
         if metadata.num_prefills > 0:
             out[num_decode:num_tokens] = causal_conv1d_prefill(
                 bx[num_decode:num_tokens],
@@ -192,6 +197,41 @@ class ShortConv(MambaBase, nn.Module):
                 metadata.has_initial_states_p,
             )
         out[num_tokens:] = 0
+
+
+@functools.cache
+def vllm_cpu_conv_update_available() -> bool:
+    """Whether vLLM's C++ decode kernel for causal convs is here: vLLM's CPU build on x86,
+    where vLLM's own LFM2 uses it (on Arm it runs torch ops instead)."""
+    return (
+        current_platform.is_cpu()
+        and current_platform.get_cpu_architecture() == CpuArchEnum.X86
+        and hasattr(torch.ops._C, "causal_conv1d_update_cpu_vec")
+    )
+
+
+def conv_decode_step(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_state: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
+    """:func:`causal_conv1d_decode` (one token per request, ``x`` ``[N, D]``, slots updated in
+    place). On vLLM's x86 CPU backend, with one dtype throughout, vLLM's C++ kernel
+    (``causal_conv1d_update_cpu_vec``) runs it, equal to the torch reference (bf16: bit for bit,
+    outputs and states, either state layout; fp32: the states bit for bit, the outputs within
+    an ulp where a bias is summed in another order), in one call instead of a dozen torch ops (D =
+    512, one request: 22 against 324 us; 32 requests: 110 against 806 us). Elsewhere, with a
+    conv state in another dtype than the model, or with ``VLLM_LAGUNA_TORCH_KERNELS=1``, the
+    kernels' dispatch (torch reference on CPU, Triton on CUDA). vLLM's CPU runner never pads a
+    decode batch: every slot here is a request's."""
+    if (
+        not FORCE_TORCH
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == conv_state.dtype
+        and vllm_cpu_conv_update_available()
+    ):
+        return torch.ops._C.causal_conv1d_update_cpu_vec(
+            x, conv_state, weight, bias, None, slots.contiguous(), None, PAD_SLOT_ID
+        )
+    return causal_conv1d_decode(x, weight, bias, conv_state, slots)
 
 
 def step_metadata(layer_name: str) -> ShortConvAttentionMetadata | None:
