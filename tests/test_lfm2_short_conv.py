@@ -94,9 +94,10 @@ def _decode_inputs(dtype, state_dtype, layout, bias, requests=5, channels=64, ke
 def test_cpu_decode_step_runs_vllms_kernel_and_equals_the_reference(monkeypatch, dtype, layout, bias):
     """On vLLM's x86 CPU backend a decode step is one call of vLLM's C++ kernel, and it gives
     the torch reference's new states bit for bit (a shift of the inputs) and its outputs up to
-    summation order: both sum the same L + 1 fp32 terms (measured on AVX2: equal bit for bit
-    but for fp32 with a bias, an ulp apart), so they differ by at most (L + 1) fp32 epsilons of
-    the terms' absolute sum plus one rounding step of the output dtype."""
+    summation order: both sum the same L + 1 terms in fp32 (measured on AVX2: equal bit for bit
+    but for fp32 with a bias, an ulp apart). Each order lies within (L + 1) fp32 epsilons of the
+    terms' absolute sum from the exact sum, so the two outputs differ by at most twice that plus
+    one rounding step of the output dtype."""
     from vllm_laguna.kernels.causal_conv1d import causal_conv1d_decode_torch
 
     kernel_calls = []
@@ -115,7 +116,7 @@ def test_cpu_decode_step_runs_vllms_kernel_and_equals_the_reference(monkeypatch,
     terms = causal_conv1d_decode_torch(  # the absolute sum of each output's terms
         x.abs(), weight.abs(), None if b is None else b.abs(), state_before.abs(), slot_ids
     ).double()
-    bound = taps * torch.finfo(torch.float32).eps * terms + torch.finfo(dtype).eps * expected.double().abs()
+    bound = 2 * taps * torch.finfo(torch.float32).eps * terms + torch.finfo(dtype).eps * expected.double().abs()
     assert ((out.double() - expected.double()).abs() <= bound).all()
 
 
@@ -125,7 +126,10 @@ def test_conv_state_in_another_dtype_takes_the_reference(monkeypatch):
     from vllm_laguna.kernels.causal_conv1d import causal_conv1d_decode_torch
 
     monkeypatch.setattr(
-        torch.ops._C, "causal_conv1d_update_cpu_vec", lambda *a: pytest.fail("vLLM's kernel ran on mixed dtypes")
+        torch.ops._C,
+        "causal_conv1d_update_cpu_vec",
+        lambda *a: pytest.fail("vLLM's kernel ran on mixed dtypes"),
+        raising=False,  # builds without the kernel
     )
     x, weight, b, state, slot_ids = _decode_inputs(torch.float32, torch.bfloat16, "SD", True)
     expected_state = state.clone()

@@ -203,6 +203,8 @@ class ShortConv(MambaBase, nn.Module):
 def vllm_cpu_conv_update_available() -> bool:
     """Whether vLLM's C++ decode kernel for causal convs is here: vLLM's CPU build on x86,
     where vLLM's own LFM2 uses it (on Arm it runs torch ops instead)."""
+    import vllm._custom_ops  # noqa: F401 - loads vllm._C, where the kernel is registered
+
     return (
         current_platform.is_cpu()
         and current_platform.get_cpu_architecture() == CpuArchEnum.X86
