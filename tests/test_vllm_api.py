@@ -223,6 +223,10 @@ PINS: dict[str, tuple[str, ...]] = {
         "num_decodes", "num_decode_tokens", "num_prefills", "num_prefill_tokens", "state_indices_tensor_d",
         "state_indices_tensor_p", "query_start_loc_p", "has_initial_states_p",
     ),
+    # its decode step on vLLM's x86 CPU build: vLLM's C++ kernel, as in-tree's LFM2 calls it
+    "vllm._custom_ops:causal_conv1d_update_cpu_vec": ("conv_state_indices", "pad_slot_id"),
+    "vllm.platforms:CpuArchEnum": ("X86",),
+    "vllm.v1.attention.backends.utils:PAD_SLOT_ID": (),
     # parsers
     "vllm.reasoning.abs_reasoning_parsers:ReasoningParser": (
         "vocab", "model_tokenizer", "reasoning_start_str", "reasoning_end_str", "is_reasoning_end",

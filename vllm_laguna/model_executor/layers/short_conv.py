@@ -30,6 +30,7 @@ import functools
 import torch
 from torch import nn
 
+from vllm import _custom_ops as ops
 from vllm.compilation.breakable_cudagraph import eager_break_during_capture
 from vllm.config import CacheConfig, ModelConfig, VllmConfig, get_current_vllm_config
 from vllm.distributed import divide, get_tensor_model_parallel_world_size
@@ -203,8 +204,6 @@ class ShortConv(MambaBase, nn.Module):
 def vllm_cpu_conv_update_available() -> bool:
     """Whether vLLM's C++ decode kernel for causal convs is here: vLLM's CPU build on x86,
     where vLLM's own LFM2 uses it (on Arm it runs torch ops instead)."""
-    import vllm._custom_ops  # noqa: F401 - loads vllm._C, where the kernel is registered
-
     return (
         current_platform.is_cpu()
         and current_platform.get_cpu_architecture() == CpuArchEnum.X86
@@ -230,8 +229,8 @@ def conv_decode_step(
         and x.dtype == weight.dtype == conv_state.dtype
         and vllm_cpu_conv_update_available()
     ):
-        return torch.ops._C.causal_conv1d_update_cpu_vec(
-            x, conv_state, weight, bias, None, slots.contiguous(), None, PAD_SLOT_ID
+        return ops.causal_conv1d_update_cpu_vec(
+            x, conv_state, weight, bias, conv_state_indices=slots.contiguous(), pad_slot_id=PAD_SLOT_ID
         )
     return causal_conv1d_decode(x, weight, bias, conv_state, slots)
 
