@@ -221,8 +221,10 @@ def conv_decode_step(
     an ulp where a bias is summed in another order), in one call instead of a dozen torch ops (D =
     512, one request: 22 against 324 us; 32 requests: 110 against 806 us). Elsewhere, with a
     conv state in another dtype than the model, or with ``VLLM_LAGUNA_TORCH_KERNELS=1``, the
-    kernels' dispatch (torch reference on CPU, Triton on CUDA). vLLM's CPU runner never pads a
-    decode batch: every slot here is a request's."""
+    kernels' dispatch (torch reference on CPU, Triton on CUDA). The choice is made here, not in
+    that dispatch, because :mod:`vllm_laguna.kernels` imports without vLLM (the GPU kernel
+    benchmark runs where vLLM is not installed). vLLM's CPU runner never pads a decode batch:
+    every slot here is a request's."""
     if (
         not FORCE_TORCH
         and x.device.type == "cpu"
