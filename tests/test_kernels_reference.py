@@ -26,9 +26,13 @@ def _ranked(keys: list[float], top_k: int) -> list[int]:
     return sorted(range(len(keys)), key=lambda e: (-rank(keys[e]), e))[:top_k]
 
 
-def _python_route(logits, bias, top_k, softcap, scale, renormalize):
+def _python_route(logits, bias, top_k, softcap, scale, renormalize, score_func):
     capped = torch.tanh(logits.float() / softcap) * softcap if softcap else logits.float()
-    scores = torch.sigmoid(capped)
+    if score_func == "sigmoid":
+        scores = torch.sigmoid(capped)
+    else:  # mlx-lm's sqrtsoftplus, softplus written as logaddexp(x, 0); +-Inf as +-FLT_MAX
+        finite = capped.clamp(-FLT_MAX, FLT_MAX)
+        scores = torch.sqrt(torch.logaddexp(finite, torch.zeros_like(finite)))
     keys = scores + bias.float() if bias is not None else scores
     ids, weights = [], []
     for row_keys, row_scores in zip(keys.tolist(), scores.tolist()):
@@ -57,6 +61,7 @@ def _rows(experts: int) -> torch.Tensor:
     return rows
 
 
+@pytest.mark.parametrize("score_func", ["sigmoid", "sqrtsoftplus"])
 @pytest.mark.parametrize(
     ("experts", "top_k", "softcap", "scale", "renormalize", "with_bias"),
     [
@@ -67,15 +72,31 @@ def _rows(experts: int) -> torch.Tensor:
     ],
 )
 def test_sigmoid_topk_reference_matches_python_ranking(
-    experts, top_k, softcap, scale, renormalize, with_bias
+    experts, top_k, softcap, scale, renormalize, with_bias, score_func
 ):
     logits = _rows(experts)
     bias = torch.round(torch.randn(experts) * 4) / 32 if with_bias else None
-    weights, ids = sigmoid_topk_reference(logits, bias, top_k, softcap, scale, renormalize)
-    want_weights, want_ids = _python_route(logits, bias, top_k, softcap, scale, renormalize)
+    weights, ids = sigmoid_topk_reference(logits, bias, top_k, softcap, scale, renormalize, score_func)
+    want_weights, want_ids = _python_route(logits, bias, top_k, softcap, scale, renormalize, score_func)
     assert ids.dtype == torch.int32 and weights.dtype == torch.float32
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(weights, want_weights, atol=1e-6, rtol=1e-6)
+
+
+def test_sqrtsoftplus_by_hand_picks_other_experts_than_sigmoid():
+    """logits [0, 4], bias [0.5, 0], top-1: sigmoid keys [1.0, 0.982] pick expert 0;
+    sqrt(softplus) keys [sqrt(ln 2) + 0.5, sqrt(ln(1 + e^4))] = [1.33, 2.00] pick expert 1,
+    whose weight renormalises to 1 and is then scaled."""
+    logits, bias = torch.tensor([[0.0, 4.0]]), torch.tensor([0.5, 0.0])
+    _, ids = sigmoid_topk_reference(logits, bias, 1, score_func="sigmoid")
+    assert ids.tolist() == [[0]]
+    weights, ids = sigmoid_topk_reference(logits, bias, 1, routed_scaling_factor=2.5, score_func="sqrtsoftplus")
+    assert ids.tolist() == [[1]] and weights.tolist() == [[2.5]]
+    weights, ids = sigmoid_topk_reference(logits, bias, 2, renormalize=False, score_func="sqrtsoftplus")
+    assert ids.tolist() == [[1, 0]]
+    torch.testing.assert_close(weights[0], torch.tensor([math.sqrt(math.log1p(math.exp(4.0))), math.sqrt(math.log(2.0))]))
+    with pytest.raises(ValueError, match="'softmax'.*'sigmoid', 'sqrtsoftplus'"):
+        sigmoid_topk_reference(logits, bias, 1, score_func="softmax")
 
 
 @pytest.mark.parametrize("top_k", [1, 5])

@@ -60,12 +60,14 @@ def _captured_launch(monkeypatch, module, kernel_name, launch):
 
 
 ROUTER_CASES = {
-    "laguna-256x8-fp32": (256, 8, torch.float32, torch.float32, 0.0, False),
-    "laguna-256x16-bf16": (256, 16, torch.bfloat16, torch.float32, 0.0, False),
-    "laguna-128x1-nobias": (128, 1, torch.float32, None, 0.0, False),
-    "laguna-512x32-softcap": (512, 32, torch.float32, torch.float32, 30.0, False),
-    "laguna-60x8-bf16-bias-softcap": (60, 8, torch.bfloat16, torch.bfloat16, 5.0, False),
-    "llama4-128x1": (128, 1, torch.bfloat16, None, 0.0, True),
+    "laguna-256x8-fp32": (256, 8, torch.float32, torch.float32, 0.0, False, "sigmoid"),
+    "laguna-256x16-bf16": (256, 16, torch.bfloat16, torch.float32, 0.0, False, "sigmoid"),
+    "laguna-128x1-nobias": (128, 1, torch.float32, None, 0.0, False, "sigmoid"),
+    "laguna-512x32-softcap": (512, 32, torch.float32, torch.float32, 30.0, False, "sigmoid"),
+    "laguna-60x8-bf16-bias-softcap": (60, 8, torch.bfloat16, torch.bfloat16, 5.0, False, "sigmoid"),
+    "laguna-256x8-bf16-sqrtsoftplus": (256, 8, torch.bfloat16, torch.float32, 0.0, False, "sqrtsoftplus"),
+    "laguna-512x32-sqrtsoftplus-softcap": (512, 32, torch.float32, torch.float32, 30.0, False, "sqrtsoftplus"),
+    "llama4-128x1": (128, 1, torch.bfloat16, None, 0.0, True, "sigmoid"),
 }
 
 
@@ -73,17 +75,19 @@ ROUTER_CASES = {
 def test_router_lowers_to_sm90_without_spills(case, monkeypatch, tmp_path):
     from vllm_laguna.kernels import sigmoid_topk_triton
 
-    experts, top_k, dtype, bias_dtype, softcap, llama4 = ROUTER_CASES[case]
+    experts, top_k, dtype, bias_dtype, softcap, llama4, score_func = ROUTER_CASES[case]
     logits = torch.zeros(3, experts, dtype=dtype)
     bias = None if bias_dtype is None else torch.zeros(experts, dtype=bias_dtype)
     kernel, args, kwargs = _captured_launch(
         monkeypatch,
         sigmoid_topk_triton,
         "_route_kernel",
-        lambda: sigmoid_topk_triton.fused_topk(logits, bias, top_k, softcap, 2.5, not llama4, llama4),
+        lambda: sigmoid_topk_triton.fused_topk(logits, bias, top_k, softcap, 2.5, not llama4, llama4, score_func),
     )
-    _, usage = _lower(kernel, args, kwargs, tmp_path)
+    ptx, usage = _lower(kernel, args, kwargs, tmp_path)
     assert "LOCAL:0" in usage and "STACK:0" in usage, usage
+    # sqrt(softplus) takes an IEEE-rounded square root (torch's CUDA sqrt), not sqrt.approx
+    assert ("sqrt.rn.f32" in ptx) == (score_func == "sqrtsoftplus"), "sqrt.rn.f32 in the PTX"
 
 
 GATE_CASES = {

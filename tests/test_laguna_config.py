@@ -186,6 +186,24 @@ def test_attention_sinks_on_sliding_layers_only(enabled):
     assert (arch.has_sink(0), arch.has_sink(1)) == (False, enabled)  # layer 0 full, 1 sliding
 
 
+@pytest.mark.parametrize("value", [None, "sigmoid", "sqrtsoftplus"])
+def test_router_score_function(value):
+    """Absent: sigmoid (every released checkpoint); the drafter's config (a Laguna config of
+    its own) reads the key as well."""
+    from vllm_laguna.configs.laguna_dflash import parse_laguna_dflash_config
+    from vllm_laguna.tiny.laguna import LagunaDFlashTiny, LagunaTiny
+
+    overrides = {} if value is None else {"moe_router_score_func": value}
+    assert parse_laguna_config(laguna_config(**overrides)).router_score_func == (value or "sigmoid")
+    target = LagunaTiny()
+    drafter = LagunaConfig(**LagunaDFlashTiny().config(target), **overrides)
+    arch = parse_laguna_dflash_config(drafter, target.num_layers, target.vocab_size, target.hidden_size)
+    assert arch.layers.router_score_func == (value or "sigmoid")
+    with pytest.raises(ConfigError, match="moe_router_score_func"):
+        bad = LagunaConfig(**LagunaDFlashTiny().config(target), moe_router_score_func="sqrt_softplus")
+        parse_laguna_dflash_config(bad, target.num_layers, target.vocab_size, target.hidden_size)
+
+
 BAD_CONFIGS = {
     "layer_types": dict(layer_types=["full_attention"] * 3),
     "mlp_layer_types": dict(mlp_layer_types=["dense"]),
@@ -205,6 +223,7 @@ BAD_CONFIGS = {
     "gating_types": dict(gating_types=["per-head"]),
     "gating_types[1]": dict(gating_types=["per-head", "per-channel"]),
     "swa_attention_sink_enabled": dict(swa_attention_sink_enabled="yes"),
+    "moe_router_score_func": dict(moe_router_score_func="softmax"),
 }
 
 

@@ -141,6 +141,7 @@ FEATURES = {
 DEFAULT_EVERYWHERE = {
     "gating_types": "transformers has no per-layer gates: test_laguna_config_keys (its own reference)",
     "swa_attention_sink_enabled": "transformers has no sinks: test_laguna_config_keys (its own reference)",
+    "moe_router_score_func": "transformers has only sigmoid: test_laguna_config_keys (mlx-lm's scores as reference)",
     "hidden_act": "only silu is accepted",
     "moe_apply_router_weight_on_input": "only false is accepted",
     "partial_rotary_factor": "top-level fallback of the rope dicts (test_laguna_config)",

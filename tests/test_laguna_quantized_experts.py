@@ -4,7 +4,7 @@ What vLLM 0.32 can run there (``model_executor/cpu_support.py`` has the sources'
 FP8 experts with 128x128 block scales, on AMX, in bf16 — ``CPUExpertsFp8`` (weights
 dequantized block by block to bf16 inside the kernel; ``CPUExpertsFp8W8A8`` on CPUs with
 AMX-FP8 also quantizes the activations to FP8), which accepts Laguna's routing (DeepSeek-V3
-style) and takes the ids and weights our ``SigmoidTopKRouter`` computes. Its int8, int4 and
+style) and takes the ids and weights our ``LagunaTopKRouter`` computes. Its int8, int4 and
 MXFP4 MoE kernels accept softmax routing only, so int8 experts are refused at load on every
 CPU, with what to use instead.
 """
@@ -69,7 +69,7 @@ def test_fp8_block_experts_close_to_twin(fp8_checkpoints):
     results, seen = vllm_run(
         fp8, PROMPTS, max_new_tokens=24, dtype="bfloat16", inspect=_describe_experts, prompt_logprobs=True
     )
-    assert seen["method"] == "CompressedTensorsW8A8Fp8MoEMethod" and seen["router"] == "SigmoidTopKRouter", seen
+    assert seen["method"] == "CompressedTensorsW8A8Fp8MoEMethod" and seen["router"] == "LagunaTopKRouter", seen
     assert seen["kernel"] in ("CPUExpertsFp8", "CPUExpertsFp8W8A8"), seen
     bounds = BF16 if seen["kernel"] == "CPUExpertsFp8" else FP8
     print(seen, low_precision_gaps(twin, PROMPTS, results).assert_within(bounds))

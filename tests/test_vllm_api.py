@@ -370,16 +370,16 @@ def test_our_routers_refuse_monolithic_kernels():
     from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
     from vllm.platforms import current_platform
 
-    from vllm_laguna.model_executor.layers.routing import Llama4TopKRouter, SigmoidTopKRouter
+    from vllm_laguna.model_executor.layers.routing import LagunaTopKRouter, Llama4TopKRouter
 
     routers = [
-        SigmoidTopKRouter(top_k=2, num_experts=8, correction_bias=torch.zeros(8), softcap=0.0, routed_scaling_factor=1.0),
+        LagunaTopKRouter(top_k=2, num_experts=8, correction_bias=torch.zeros(8), softcap=0.0, routed_scaling_factor=1.0),
         Llama4TopKRouter(top_k=2, global_num_experts=8),
     ]
     for router in routers:
         assert router.supports_monolithic_kernels is False
     # Custom, except Laguna's on CPU: DeepSeekV3, which vLLM's CPU FP8 MoE kernels accept and
-    # no monolithic CPU kernel does (SigmoidTopKRouter.routing_method_type)
+    # no monolithic CPU kernel does (LagunaTopKRouter.routing_method_type)
     laguna_on_this_platform = RoutingMethodType.DeepSeekV3 if current_platform.is_cpu() else RoutingMethodType.Custom
     assert routers[0].routing_method_type == laguna_on_this_platform
     assert routers[1].routing_method_type == RoutingMethodType.Custom

@@ -23,15 +23,18 @@ routing = importlib.import_module("vllm_laguna.kernels.sigmoid_topk")
 
 FLT_MAX = torch.finfo(torch.float32).max
 EXPERTS_TOP_K = [(8, 1), (8, 2), (8, 8)] + [(e, k) for e in (60, 128, 256, 512) for k in (1, 2, 8, 32)]
-# Laguna options, rotated over the cases: (bias dtype or None, softcap, scale, renormalize).
-# The soft-caps leave these logits (std 3) unsaturated: the interpreter's exp/tanh are numpy's,
-# an ulp away from torch's CPU ones, and saturated scores would bunch into ulp-level near-ties
-# that either side may order differently (on a GPU the kernel uses torch's own CUDA math).
+# Laguna options, rotated over the cases: (bias dtype or None, softcap, scale, renormalize,
+# score function). The soft-caps leave these logits (std 3) unsaturated: the interpreter's
+# exp/tanh are numpy's, an ulp away from torch's CPU ones, and saturated scores would bunch
+# into ulp-level near-ties that either side may order differently (on a GPU the kernel uses
+# torch's own CUDA math).
 OPTIONS = [
-    (torch.float32, 0.0, 2.5, True),
-    (torch.float32, 8.0, 1.0, True),
-    (None, 20.0, 1.0, False),
-    (torch.bfloat16, 0.0, 2.5, False),
+    (torch.float32, 0.0, 2.5, True, "sigmoid"),
+    (torch.float32, 8.0, 1.0, True, "sqrtsoftplus"),
+    (None, 20.0, 1.0, False, "sigmoid"),
+    (torch.bfloat16, 0.0, 2.5, False, "sigmoid"),
+    (torch.float32, 0.0, 2.5, True, "sqrtsoftplus"),
+    (torch.bfloat16, 20.0, 1.0, False, "sqrtsoftplus"),
 ]
 
 
@@ -88,13 +91,19 @@ def _assert_routing_equal(got, want, experts: int) -> None:
 def test_router_matches_reference(experts, top_k, dtype):
     case = EXPERTS_TOP_K.index((experts, top_k))
     for shift, tokens in enumerate((17, 3, 1)):
-        bias_dtype, softcap, scale, renormalize = OPTIONS[(case + shift) % len(OPTIONS)]
+        bias_dtype, softcap, scale, renormalize, score_func = OPTIONS[(case + shift) % len(OPTIONS)]
         logits = _logits(tokens, experts, dtype, seed=case + shift)
         bias = _bias(experts, bias_dtype, seed=case)
         got = kernels.sigmoid_topk(
-            logits, bias, top_k, softcap=softcap, routed_scaling_factor=scale, renormalize=renormalize
+            logits,
+            bias,
+            top_k,
+            softcap=softcap,
+            routed_scaling_factor=scale,
+            renormalize=renormalize,
+            score_func=score_func,
         )
-        want = sigmoid_topk_reference(logits, bias, top_k, softcap, scale, renormalize)
+        want = sigmoid_topk_reference(logits, bias, top_k, softcap, scale, renormalize, score_func)
         _assert_routing_equal(got, want, experts)
     logits = _logits(17, experts, dtype, seed=case + 7)
     _assert_routing_equal(kernels.llama4_topk(logits, top_k), llama4_topk_reference(logits, top_k), experts)
@@ -127,8 +136,10 @@ def test_router_falls_back_beyond_kernel_limits(monkeypatch):
 def test_router_ops_pass_opcheck():
     logits = _logits(6, 24, torch.bfloat16, seed=11)
     bias = _bias(24, torch.float32, seed=11)
-    torch.library.opcheck(torch.ops.vllm_laguna.sigmoid_topk.default, (logits, bias, 3, 8.0, 2.5, True))
-    torch.library.opcheck(torch.ops.vllm_laguna.sigmoid_topk.default, (logits, None, 3, 0.0, 1.0, False))
+    op = torch.ops.vllm_laguna.sigmoid_topk.default
+    torch.library.opcheck(op, (logits, bias, 3, 8.0, 2.5, True, "sigmoid"))
+    torch.library.opcheck(op, (logits, None, 3, 0.0, 1.0, False, "sigmoid"))
+    torch.library.opcheck(op, (logits, bias, 3, 0.0, 2.5, True, "sqrtsoftplus"))
     torch.library.opcheck(torch.ops.vllm_laguna.llama4_topk.default, (logits, 3))
 
 

@@ -17,6 +17,9 @@ Quirks handled here, and nowhere else:
 * ``swa_attention_sink_enabled``: a learnable per-head attention sink on sliding layers
   (``self_attn.sink``, one logit per query head in the softmax denominator, as vLLM's
   in-tree Laguna defines it).
+* ``moe_router_score_func``: the router's score, ``"sigmoid"`` (default; every released
+  checkpoint) or ``"sqrtsoftplus"`` (Poolside's next releases, as mlx-lm implements it;
+  transformers 5.19 has no such key); any other value is refused.
 * per-layer query-head counts, attention layer types and MLP layer types, with the defaults
   transformers uses when they are absent.
 """
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from vllm_laguna.configs.errors import ConfigError, per_layer_list, positive_int
+from vllm_laguna.kernels.sigmoid_topk import SCORE_FUNCS
 
 MODEL = "Laguna"
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -62,6 +66,8 @@ class LagunaArch:
     top_k: int
     routed_scaling_factor: float
     router_logit_softcapping: float
+    #: ``moe_router_score_func``: "sigmoid" or "sqrtsoftplus"
+    router_score_func: str
     gating: GateKind
     #: per-layer gate kinds from ``gating_types``, None when the config has none
     gating_types: tuple[str, ...] | None
@@ -146,6 +152,9 @@ def parse_laguna_config(config: Any) -> LagunaArch:
     softcap = float(getattr(config, "moe_router_logit_softcapping", 0.0) or 0.0)
     if softcap < 0:
         raise ConfigError(MODEL, "moe_router_logit_softcapping", "a value >= 0 (0 disables it)", softcap)
+    score_func = getattr(config, "moe_router_score_func", SCORE_FUNCS[0])
+    if score_func not in SCORE_FUNCS:
+        raise ConfigError(MODEL, "moe_router_score_func", " or ".join(f'"{f}"' for f in SCORE_FUNCS), score_func)
 
     gating = _resolve_gating(getattr(config, "gating", True))
     gating_types = _resolve_gating_types(getattr(config, "gating_types", None), gating, num_layers)
@@ -179,6 +188,7 @@ def parse_laguna_config(config: Any) -> LagunaArch:
         top_k=top_k,
         routed_scaling_factor=float(getattr(config, "moe_routed_scaling_factor", 1.0) or 1.0),
         router_logit_softcapping=softcap,
+        router_score_func=score_func,
         gating=gating,
         gating_types=gating_types,
         swa_attention_sink=sink,

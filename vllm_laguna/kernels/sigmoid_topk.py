@@ -1,8 +1,11 @@
 """Sigmoid top-k MoE routing (Laguna and Llama 4 variants): torch reference and dispatch.
 
-Laguna (sigmoid + selection bias, DeepSeek-V3 "noaux" style):
-``softcap -> sigmoid -> top-k of (score + bias) -> unbiased scores of the chosen ->
-renormalise -> x routed_scaling_factor``.
+Laguna (scores + selection bias, DeepSeek-V3 "noaux" style):
+``softcap -> score -> top-k of (score + bias) -> unbiased scores of the chosen ->
+renormalise -> x routed_scaling_factor``, where the score is ``sigmoid`` (every released
+checkpoint) or ``sqrt(softplus)`` (config ``moe_router_score_func: "sqrtsoftplus"``, Poolside's
+next releases, as mlx-lm implements it). Both scores rise with the logit, so without a bias
+they pick the same experts; the bias and the weights tell them apart.
 Llama 4: ``top-k of the raw logits -> sigmoid of the chosen`` (no renormalisation; the
 weights multiply the expert *input*).
 
@@ -18,6 +21,7 @@ Contract shared with the fused kernels that sit beside this reference:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from vllm_laguna.kernels.dispatch import register_op, run_fused, use_triton
 
@@ -25,6 +29,23 @@ from vllm_laguna.kernels.dispatch import register_op, run_fused, use_triton
 # larger shapes run the reference.
 MAX_FUSED_EXPERTS = 512
 MAX_FUSED_TOP_K = 32
+
+#: Laguna's router score functions (config ``moe_router_score_func``), the default first
+SCORE_FUNCS = ("sigmoid", "sqrtsoftplus")
+
+
+def router_scores(logits: torch.Tensor, score_func: str) -> torch.Tensor:
+    """Laguna's expert scores from fp32 (soft-capped) logits: ``sigmoid`` or ``sqrt(softplus)``.
+
+    sqrt(softplus) is unbounded: +-Inf logits count as +-FLT_MAX (as the selection keys do),
+    so a padding row of +Inf still gets finite weights.
+    """
+    if score_func == "sigmoid":
+        return torch.sigmoid(logits)
+    if score_func == "sqrtsoftplus":
+        finite = torch.finfo(torch.float32).max
+        return torch.sqrt(F.softplus(logits.clamp(-finite, finite)))
+    raise ValueError(f"unknown router score function {score_func!r}: expected one of {SCORE_FUNCS}")
 
 
 def _topk_lowest_index(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -45,12 +66,13 @@ def sigmoid_topk_reference(
     softcap: float = 0.0,
     routed_scaling_factor: float = 1.0,
     renormalize: bool = True,
+    score_func: str = "sigmoid",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Laguna routing in plain torch. See the module docstring for the contract."""
     logits = logits.float()
     if softcap > 0.0:
         logits = torch.tanh(logits / softcap) * softcap
-    scores = torch.sigmoid(logits)
+    scores = router_scores(logits, score_func)
     selection = scores if correction_bias is None else scores + correction_bias.float()
     ids = _topk_lowest_index(selection, top_k)
     weights = torch.nan_to_num(scores.gather(1, ids), nan=0.0)
@@ -77,16 +99,19 @@ def _fused_sigmoid_topk(
     softcap: float,
     routed_scaling_factor: float,
     renormalize: bool,
+    score_func: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from vllm_laguna.kernels.sigmoid_topk_triton import fused_topk
 
-    return fused_topk(logits, correction_bias, top_k, softcap, routed_scaling_factor, renormalize, False)
+    return fused_topk(
+        logits, correction_bias, top_k, softcap, routed_scaling_factor, renormalize, False, score_func
+    )
 
 
 def _fused_llama4_topk(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     from vllm_laguna.kernels.sigmoid_topk_triton import fused_topk
 
-    return fused_topk(logits, None, top_k, 0.0, 1.0, False, True)
+    return fused_topk(logits, None, top_k, 0.0, 1.0, False, True, "sigmoid")
 
 
 def _routing_outputs(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,9 +122,9 @@ def _routing_outputs(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, to
 _sigmoid_topk_op = register_op(
     "sigmoid_topk",
     "(Tensor logits, Tensor? correction_bias, int top_k, float softcap, "
-    "float routed_scaling_factor, bool renormalize) -> (Tensor, Tensor)",
+    "float routed_scaling_factor, bool renormalize, str score_func) -> (Tensor, Tensor)",
     _fused_sigmoid_topk,
-    lambda logits, correction_bias, top_k, softcap, scale, renormalize: _routing_outputs(logits, top_k),
+    lambda logits, correction_bias, top_k, softcap, scale, renormalize, score_func: _routing_outputs(logits, top_k),
 )
 _llama4_topk_op = register_op(
     "llama4_topk",
@@ -125,12 +150,16 @@ def sigmoid_topk(
     softcap: float = 0.0,
     routed_scaling_factor: float = 1.0,
     renormalize: bool = True,
+    score_func: str = "sigmoid",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Laguna routing: the fused kernel where it runs (see ``dispatch``), else the reference."""
     if _fused_path(logits, top_k):
         args = (logits, correction_bias, top_k, float(softcap), float(routed_scaling_factor), renormalize)
+        args += (score_func,)
         return run_fused(_sigmoid_topk_op, _fused_sigmoid_topk, *args)
-    return sigmoid_topk_reference(logits, correction_bias, top_k, softcap, routed_scaling_factor, renormalize)
+    return sigmoid_topk_reference(
+        logits, correction_bias, top_k, softcap, routed_scaling_factor, renormalize, score_func
+    )
 
 
 def llama4_topk(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,8 @@
 One program routes ``ROWS`` tokens; one warp holds each row's ``E <= 512`` logits in
 registers (padded to a power of two, padding masked out) and computes in fp32:
 
-* selection keys: ``sigmoid(softcap(logit)) + bias`` (Laguna) or the raw logit (Llama 4),
+* selection keys: ``score(softcap(logit)) + bias`` (Laguna; the score is ``sigmoid`` or
+  ``sqrt(softplus)``) or the raw logit (Llama 4),
   mapped as ``torch.nan_to_num(key, nan=-inf)`` maps them in the reference (NaN ranks last,
   +-Inf tie with +-FLT_MAX) and with -0.0 folded into +0.0 (they compare equal);
 * each key becomes one int64 ``(order-preserving bits of the float << 32) | (BLOCK_E - 1 -
@@ -12,7 +13,7 @@ registers (padded to a power of two, padding masked out) and computes in fp32:
   max-and-remove steps give the ids in descending order; padding and removed entries hold
   INT64_MIN, below every real key, so a row of NaN or +-Inf still yields k distinct ids;
 * weights: the chosen logits are re-read (L1-resident) and mapped through the same
-  ``softcap -> sigmoid`` code as the keys, so they are the very scores that were ranked;
+  ``softcap -> score`` code as the keys, so they are the very scores that were ranked;
   NaN -> 0, renormalised over the k chosen (sum > 0), times the routed scaling factor.
 
 The fp32 math comes from :mod:`triton_math`, which rounds as torch's CUDA kernels do, so on a
@@ -25,22 +26,29 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_laguna.kernels.sigmoid_topk import MAX_FUSED_EXPERTS
-from vllm_laguna.kernels.triton_math import mul_rn, sigmoid, tanh
+from vllm_laguna.kernels.sigmoid_topk import MAX_FUSED_EXPERTS, SCORE_FUNCS
+from vllm_laguna.kernels.triton_math import mul_rn, sigmoid, softplus, tanh
 
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 INT64_MIN: tl.constexpr = tl.constexpr(-(2**63))
 
 
 @triton.jit
-def _score(logit, softcap, inv_softcap, HAS_SOFTCAP: tl.constexpr):
-    """``sigmoid(tanh(logit / softcap) * softcap)``, the soft-cap only when enabled.
+def _score(logit, softcap, inv_softcap, HAS_SOFTCAP: tl.constexpr, SQRT_SOFTPLUS: tl.constexpr):
+    """``score(tanh(logit / softcap) * softcap)``, the soft-cap only when enabled; the score
+    is ``sqrt(softplus(.))`` with ``SQRT_SOFTPLUS`` (+-Inf taken as +-FLT_MAX, as the
+    reference does), else ``sigmoid``.
 
     The division is a multiplication by ``fp32(1 / softcap)``, as torch's CUDA division by a
-    Python scalar does it (``div_true_kernel_cuda``).
+    Python scalar does it (``div_true_kernel_cuda``); the square root is IEEE-rounded, as
+    torch's CUDA ``sqrt``.
     """
     if HAS_SOFTCAP:
         logit = mul_rn(tanh(mul_rn(logit, inv_softcap)), softcap)
+    if SQRT_SOFTPLUS:
+        # +-Inf as +-FLT_MAX (unbounded score: keeps weights finite); NaN stays NaN
+        logit = tl.where(logit == float("inf"), FLT_MAX, tl.where(logit == float("-inf"), -FLT_MAX, logit))
+        return tl.sqrt_rn(softplus(logit))
     return sigmoid(logit)
 
 
@@ -75,6 +83,7 @@ def _route_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     RENORMALIZE: tl.constexpr,
+    SQRT_SOFTPLUS: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
@@ -88,7 +97,7 @@ def _route_kernel(
     if SELECT_ON_LOGITS:
         key = logits
     else:
-        key = _score(logits, softcap, inv_softcap, HAS_SOFTCAP)
+        key = _score(logits, softcap, inv_softcap, HAS_SOFTCAP, SQRT_SOFTPLUS)
         if HAS_BIAS:
             key = key + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     packed = tl.where(valid, _descending_keys(key, cols[None, :], BLOCK_E), INT64_MIN)
@@ -105,7 +114,7 @@ def _route_kernel(
     if SELECT_ON_LOGITS:
         weights = sigmoid(chosen)
     else:
-        weights = _score(chosen, softcap, inv_softcap, HAS_SOFTCAP)
+        weights = _score(chosen, softcap, inv_softcap, HAS_SOFTCAP, SQRT_SOFTPLUS)
     weights = tl.where((weights != weights) | ~slot_ok, 0.0, weights)
     if RENORMALIZE:
         total = tl.sum(weights, axis=1)[:, None]
@@ -130,8 +139,15 @@ def fused_topk(
     routed_scaling_factor: float,
     renormalize: bool,
     select_on_logits: bool,
+    score_func: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches the router kernel. ``logits`` [T, E]; returns weights fp32 and ids int32 [T, k]."""
+    """Launches the router kernel. ``logits`` [T, E]; returns weights fp32 and ids int32 [T, k].
+
+    ``score_func`` (one of ``SCORE_FUNCS``) applies to Laguna's routing, not to
+    ``select_on_logits`` (Llama 4), whose weights are always the sigmoid of the chosen logits.
+    """
+    if score_func not in SCORE_FUNCS:
+        raise ValueError(f"unknown router score function {score_func!r}: expected one of {SCORE_FUNCS}")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     n_rows, n_experts = logits.shape
@@ -161,6 +177,7 @@ def fused_topk(
         HAS_BIAS=has_bias,
         HAS_SOFTCAP=softcap > 0.0,
         RENORMALIZE=renormalize,
+        SQRT_SOFTPLUS=score_func == "sqrtsoftplus",
         num_warps=1,
         enable_fp_fusion=True,
     )

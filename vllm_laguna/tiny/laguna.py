@@ -66,6 +66,9 @@ class LagunaTiny:
     shared_expert_intermediate_size: int = 32
     routed_scaling_factor: float = 2.5
     router_softcap: float = 0.0
+    #: `moe_router_score_func`; written to config.json only when not "sigmoid" (released
+    #: checkpoints have no such key)
+    router_score_func: str = "sigmoid"
     #: std of the e_score_correction_bias; large enough to change which experts win
     bias_std: float = 0.1
     #: what config.json says: "per-head", "per-element", True (per-head weights, as
@@ -168,6 +171,8 @@ class LagunaTiny:
         }
         if self.gating_types is not None:
             cfg["gating_types"] = list(self.gating_types)
+        if self.router_score_func != "sigmoid":
+            cfg["moe_router_score_func"] = self.router_score_func
         cfg.update(self.config_overrides)
         return cfg
 

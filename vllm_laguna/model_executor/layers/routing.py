@@ -1,7 +1,8 @@
 """MoE routers for vLLM's fused-MoE layer (``FusedMoEFactory(router=...)``).
 
 vLLM 0.32's CPU router only knows softmax top-k (``assert scoring_func == "softmax"``), so
-Laguna's sigmoid + correction-bias routing and Llama 4's sigmoid-of-top-k crash there.
+Laguna's sigmoid (or sqrt-softplus) + correction-bias routing and Llama 4's sigmoid-of-top-k
+crash there.
 These routers implement the two schemes themselves and are handed to the fused-MoE layer
 on every platform; the math lives in :mod:`vllm_laguna.kernels` (Triton on CUDA, torch
 elsewhere). Both declare that no fused-MoE backend may route in their place
@@ -42,11 +43,13 @@ class OwnRouting(BaseRouter):
         return False
 
 
-class SigmoidTopKRouter(OwnRouting):
-    """Laguna routing: softcap -> sigmoid -> top-k by (score + bias) -> renormalise -> scale.
+class LagunaTopKRouter(OwnRouting):
+    """Laguna routing: softcap -> score -> top-k by (score + bias) -> renormalise -> scale.
 
-    ``correction_bias`` is the layer's ``e_score_correction_bias`` parameter (fp32, [E]);
-    it steers selection only. The routed scaling factor is folded into the weights.
+    The score is ``sigmoid`` or ``sqrt(softplus)`` (``score_func``, config
+    ``moe_router_score_func``). ``correction_bias`` is the layer's ``e_score_correction_bias``
+    parameter (fp32, [E]); it steers selection only. The routed scaling factor is folded into
+    the weights.
     """
 
     def __init__(
@@ -56,17 +59,20 @@ class SigmoidTopKRouter(OwnRouting):
         correction_bias: torch.Tensor | None,
         softcap: float,
         routed_scaling_factor: float,
+        score_func: str = "sigmoid",
         eplb_state: EplbLayerState | None = None,
     ):
         super().__init__(top_k=top_k, global_num_experts=num_experts, eplb_state=eplb_state)
         self.correction_bias = correction_bias
         self.softcap = softcap
         self.routed_scaling_factor = routed_scaling_factor
+        self.score_func = score_func
 
     @property
     def routing_method_type(self) -> RoutingMethodType:
-        # On CPU: DeepSeekV3, which Laguna's routing is with one expert group (vLLM's own
-        # router names sigmoid + bias + renormalise with a group count so). vLLM's CPU FP8
+        # On CPU: DeepSeekV3, which Laguna's sigmoid routing is with one expert group (vLLM's
+        # own router names sigmoid + bias + renormalise with a group count so; the label only
+        # picks a backend, whatever the score function). vLLM's CPU FP8
         # MoE kernels take only routing types they know, DeepSeekV3 among them, and are
         # modular: they take this router's ids and weights. No monolithic CPU kernel accepts
         # DeepSeekV3 (CPUExpertsInt4, and zentorch's int4, which does accept Custom and
@@ -80,6 +86,7 @@ class SigmoidTopKRouter(OwnRouting):
             self.top_k,
             softcap=self.softcap,
             routed_scaling_factor=self.routed_scaling_factor,
+            score_func=self.score_func,
         )
 
 

@@ -33,7 +33,7 @@ from vllm_laguna.configs.laguna import LagunaArch, parse_laguna_config
 from vllm_laguna.model_executor.checkpoint import CheckpointAudit
 from vllm_laguna.model_executor.layers.experts import ExpertPlacement, fused_experts
 from vllm_laguna.model_executor.layers.gated_attention import GatedAttention
-from vllm_laguna.model_executor.layers.routing import SigmoidTopKRouter
+from vllm_laguna.model_executor.layers.routing import LagunaTopKRouter
 from vllm_laguna.model_executor.layers.swiglu import SwiGLU
 from vllm_laguna.model_executor.models.causal_lm import (
     QKV_SHARDS,
@@ -45,7 +45,8 @@ from vllm_laguna.model_executor.models.causal_lm import (
 
 
 class LagunaSparseMoeBlock(nn.Module):
-    """Sigmoid-routed experts x routed scaling factor, plus an ungated shared expert.
+    """Routed experts (sigmoid or sqrt-softplus scores, :class:`LagunaTopKRouter`) x routed
+    scaling factor, plus an ungated shared expert.
 
     The router logits come from ``gate`` in fp32; ``gate.e_score_correction_bias`` (fp32)
     only steers selection. vLLM's fused-MoE runner adds the shared expert and does the
@@ -82,12 +83,13 @@ class LagunaSparseMoeBlock(nn.Module):
             else None
         )
         placement = ExpertPlacement.of(get_current_vllm_config(), arch.num_experts)
-        router = SigmoidTopKRouter(
+        router = LagunaTopKRouter(
             top_k=arch.top_k,
             num_experts=arch.num_experts,
             correction_bias=self.gate.e_score_correction_bias,
             softcap=arch.router_logit_softcapping,
             routed_scaling_factor=arch.routed_scaling_factor,
+            score_func=arch.router_score_func,
             eplb_state=placement.router_eplb_state(),
         )
         self.experts = fused_experts(
@@ -99,7 +101,7 @@ class LagunaSparseMoeBlock(nn.Module):
             renormalize=True,
             quant_config=quant_config,
             router=router,
-            scoring_func="sigmoid",
+            scoring_func=arch.router_score_func,
             shared_experts=self.shared_expert,
         )
 
