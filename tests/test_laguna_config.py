@@ -224,7 +224,60 @@ BAD_CONFIGS = {
     "gating_types[1]": dict(gating_types=["per-head", "per-channel"]),
     "swa_attention_sink_enabled": dict(swa_attention_sink_enabled="yes"),
     "moe_router_score_func": dict(moe_router_score_func="softmax"),
+    "norm_topk_prob": dict(norm_topk_prob=False),
+    "moe_router_use_sigmoid": dict(moe_router_use_sigmoid=False),
+    "qkv_bias": dict(qkv_bias=True),
+    "use_bidirectional_attention": dict(use_bidirectional_attention=True),
+    "mlp_only_layers": dict(mlp_only_layers=[0, 1]),
+    "decoder_sparse_step": dict(decoder_sparse_step=2, mlp_layer_types=["sparse", "sparse"]),
+    "swa_rope_parameters": dict(rope_parameters=dict(XS2_FULL), swa_rope_parameters="default"),
 }
+
+
+@pytest.mark.parametrize("gating", ["per_head", "per_element"])
+def test_gate_kinds_take_the_underscore_spelling(gating):
+    """Some S-2.1 configs write ``per_head``; llama.cpp accepts it too."""
+    arch = parse_laguna_config(laguna_config(gating=gating, gating_types=[gating, gating]))
+    assert arch.gating == gating.replace("_", "-") and arch.gate(1) == gating.replace("_", "-")
+
+
+def test_legacy_flat_rope_takes_the_sliding_layers_rope_from_swa_rope_parameters():
+    """Older configs: a flat YaRN rope_parameters (with the top-level partial rotary factor) for
+    the full layers, the sliding layers' rope in swa_rope_parameters (vLLM in-tree reads it so)."""
+    full = _without(XS2_FULL, "partial_rotary_factor")
+    config = _bad(laguna_config(), rope_parameters=full, partial_rotary_factor=0.5, swa_rope_parameters=dict(SLIDING))
+    arch = parse_laguna_config(config)
+    assert arch.rope(0)["rope_type"] == "yarn" and arch.rope(0)["partial_rotary_factor"] == 0.5
+    assert arch.rope(1) == {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    swa = {**SLIDING, "partial_rotary_factor": 1.0}
+    assert parse_laguna_config(_bad(config, swa_rope_parameters=swa)).rope(1)["partial_rotary_factor"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "schedule, mlp_layer_types",
+    [
+        (dict(mlp_only_layers=[0], decoder_sparse_step=1), ["dense", "sparse", "sparse", "sparse"]),
+        (dict(mlp_only_layers=[0, 1]), ["dense", "dense", "sparse", "sparse"]),
+        (dict(mlp_only_layers=[], decoder_sparse_step=2), ["dense", "sparse", "dense", "sparse"]),
+    ],
+)
+def test_older_dense_layer_schedule_must_agree_with_mlp_layer_types(schedule, mlp_layer_types):
+    layers = dict(num_hidden_layers=4, layer_types=["full_attention"] * 4)
+    arch = parse_laguna_config(laguna_config(**layers, **schedule, mlp_layer_types=mlp_layer_types))
+    assert arch.mlp_layer_types == tuple(mlp_layer_types)
+    # transformers' fill-in for a config without mlp_layer_types (one leading dense layer)
+    filled = laguna_config(**layers, **schedule, mlp_layer_types=None)
+    if filled.mlp_layer_types != mlp_layer_types:
+        with pytest.raises(ConfigError, match="add it"):
+            parse_laguna_config(filled)
+
+
+def test_no_experts_makes_every_layer_dense():
+    """The DFlash drafters write ``num_experts: 0`` and no mlp_layer_types, which transformers
+    fills with sparse layers; vLLM builds experts only when there are some."""
+    arch = parse_laguna_config(laguna_config(num_experts=0, mlp_layer_types=None))
+    assert arch.mlp_layer_types == ("dense", "dense") and arch.num_experts == 0
+
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ prompts longer than the window.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -211,6 +212,17 @@ def test_unknown_router_score_function_is_refused(tmp_path):
     expected = r'`moe_router_score_func`: expected "sigmoid" or "sqrtsoftplus" \(got .softmax.\)'
     with pytest.raises(Exception, match=expected):
         _load(ckpt)
+
+
+def test_a_key_nobody_knows_loads_with_one_warning_naming_it(tmp_path, caplog, monkeypatch):
+    from vllm_laguna.configs import keys
+
+    monkeypatch.setattr(keys, "_warned", set())
+    ckpt = build_laguna(tmp_path / "ckpt", config_overrides={"moe_expert_temperature": 0.7})
+    with caplog.at_level(logging.WARNING, logger=keys.__name__):
+        _load(ckpt)
+    warnings = [r.getMessage() for r in caplog.records if r.name == keys.__name__]
+    assert len(warnings) == 1 and "`moe_expert_temperature`" in warnings[0], warnings
 
 
 def _load(ckpt):

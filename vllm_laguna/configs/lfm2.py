@@ -14,6 +14,11 @@ The feed-forward width follows ``block_auto_adjust_ff_dim``: ``int(2 * I / 3)``,
 if ``block_ffn_dim_multiplier`` is set, ``int(multiplier * width)`` rounded up to a multiple
 of ``block_multiple_of``. The attention head size is ``head_dim`` when the config has one,
 else ``hidden_size // num_attention_heads``.
+
+Keys of LiquidAI's original code that transformers ignores are checked, not ignored:
+``block_use_swiglu: false`` (a plain MLP) and ``use_pos_enc: false`` (no RoPE) are refused,
+and the aliases ``num_heads`` and ``block_norm_eps`` must equal ``num_attention_heads`` and
+``norm_eps``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_laguna.configs.errors import ConfigError, per_layer_list, positive_int
+from vllm_laguna.configs.keys import warn_unknown_keys
 
 MODEL = "LFM2"
 LAYER_TYPES = ("conv", "full_attention")
@@ -31,6 +37,49 @@ DEFAULT_ROPE_THETA = 1_000_000.0
 #: legacy width keys that transformers ignores; they must agree with hidden_size
 _WIDTH_ALIASES = ("conv_dim", "conv_dim_out", "block_dim")
 _MISSING = object()
+
+#: config.json keys :func:`parse_lfm2_config` reads (to use, or to refuse values)
+READ_KEYS = frozenset(
+    {
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "norm_eps",
+        "block_norm_eps",
+        "layer_types",
+        "full_attn_idxs",
+        "conv_bias",
+        "conv_L_cache",
+        "conv_dim",
+        "conv_dim_out",
+        "block_dim",
+        "block_ff_dim",
+        "intermediate_size",
+        "block_auto_adjust_ff_dim",
+        "block_ffn_dim_multiplier",
+        "block_multiple_of",
+        "block_use_swiglu",
+        "use_pos_enc",
+        "rope_parameters",
+        "rope_scaling",
+        "rope_theta",
+        "theta",
+        "tie_embedding",
+        "tie_word_embeddings",
+    }
+)
+#: keys of LFM2 configs that do not change inference: training-time initialisation and
+#: bookkeeping (README: Config keys)
+IGNORED_KEYS = frozenset(
+    {"block_mlp_init_scale", "block_out_init_scale", "block_use_xavier_init", "conv_use_xavier_init", "model_name"}
+)
+#: keys whose value must equal another key's (an alias from LiquidAI's original code)
+_ALIASES = {"num_heads": "num_attention_heads", "block_norm_eps": "norm_eps"}
 
 
 @dataclass(frozen=True)
@@ -62,9 +111,20 @@ def parse_lfm2_config(config: Any) -> Lfm2Arch:
     """Validate ``config`` (a transformers ``Lfm2Config`` or any object with the raw JSON
     fields as attributes) and resolve it into an :class:`Lfm2Arch`.
 
+    Keys outside :data:`READ_KEYS` and :data:`IGNORED_KEYS` get one warning naming them.
+
     Raises:
         ConfigError: naming the offending field and the value expected.
     """
+    warn_unknown_keys(MODEL, config, READ_KEYS | IGNORED_KEYS)
+    if not _bool(config, "block_use_swiglu", True):
+        raise ConfigError(MODEL, "block_use_swiglu", "true (the feed-forward is SwiGLU, as in transformers)", False)
+    if not _bool(config, "use_pos_enc", True):
+        raise ConfigError(MODEL, "use_pos_enc", "true (attention layers use RoPE, as in transformers)", False)
+    for alias, field in _ALIASES.items():
+        value, reference = getattr(config, alias, None), getattr(config, field, None)
+        if value is not None and reference is not None and value != reference:
+            raise ConfigError(MODEL, alias, f"{field}={reference!r} (an alias of it)", value)
     num_layers = positive_int(MODEL, config, "num_hidden_layers")
     hidden = positive_int(MODEL, config, "hidden_size")
     for field in _WIDTH_ALIASES:

@@ -20,6 +20,9 @@ Quirks handled here, and nowhere else, the way transformers resolves them:
 * RoPE: ``rope_parameters`` (transformers v5) or ``rope_scaling`` + ``rope_theta`` (Hub
   configs); ``default`` and ``llama3`` scaling, applied to the whole head.
 
+* ``nope_layer_interval`` (Meta's name for ``no_rope_layer_interval``, which transformers
+  ignores) must agree with the RoPE layers resolved above.
+
 What the KV cache needs of ``attention_chunk_size`` depends on the engine, not the config:
 :func:`check_chunk_fits_kv_blocks` is called by the model with vLLM's block size.
 """
@@ -30,11 +33,65 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_laguna.configs.errors import ConfigError, per_layer_list
+from vllm_laguna.configs.keys import warn_unknown_keys
 
 MODEL = "Llama4"
 LAYER_TYPES = ("chunked_attention", "full_attention")
 ROPE_TYPES = ("default", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+#: keys of the text config :func:`parse_llama4_config` reads (to use, or to refuse values)
+READ_KEYS = frozenset(
+    {
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "hidden_act",
+        "attention_bias",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "rope_parameters",
+        "rope_scaling",
+        "rope_theta",
+        "partial_rotary_factor",
+        "no_rope_layers",
+        "no_rope_layer_interval",
+        "nope_layer_interval",
+        "layer_types",
+        "attention_chunk_size",
+        "use_qk_norm",
+        "attn_temperature_tuning",
+        "floor_scale",
+        "attn_scale",
+        "num_local_experts",
+        "num_experts_per_tok",
+        "intermediate_size",
+        "intermediate_size_mlp",
+        "interleave_moe_layer_step",
+        "moe_layers",
+    }
+)
+#: text-config keys that do not change inference: training-only, debug, generation and
+#: quantisation-tooling settings (README: Config keys)
+IGNORED_KEYS = frozenset(
+    {
+        "attention_dropout",
+        "output_router_logits",
+        "router_aux_loss_coef",
+        "router_jitter_noise",
+        "for_llm_compressor",
+        "cache_implementation",
+    }
+)
+#: top-level keys of a multimodal config besides ``text_config``: the vision tower and image
+#: tokens, which the text model does not use
+MULTIMODAL_KEYS = frozenset(
+    {"text_config", "vision_config", "boi_token_index", "eoi_token_index", "image_token_index", "tie_word_embeddings"}
+)
 
 
 @dataclass(frozen=True)
@@ -124,11 +181,17 @@ class _Fields:
 def parse_llama4_config(config: Any) -> Llama4Arch:
     """Validate ``config`` (a text or multimodal Llama 4 config) and resolve a Llama4Arch.
 
+    Keys outside :data:`READ_KEYS` and :data:`IGNORED_KEYS` (at the top level of a multimodal
+    config, :data:`MULTIMODAL_KEYS`) get one warning naming them.
+
     Raises:
         ConfigError: naming the offending field and the value expected.
     """
     text = getattr(config, "text_config", None)
     f = _Fields(text, "text_config.") if text is not None else _Fields(config, "")
+    if text is not None:
+        warn_unknown_keys(MODEL, config, MULTIMODAL_KEYS)
+    warn_unknown_keys(MODEL, f.config, READ_KEYS | IGNORED_KEYS, where=f"config.json {f.prefix}".rstrip(". "))
 
     num_layers = f.positive_int("num_hidden_layers")
     hidden = f.positive_int("hidden_size")
@@ -143,6 +206,13 @@ def parse_llama4_config(config: Any) -> Llama4Arch:
         raise f.error("hidden_act", '"silu"', f.get("hidden_act"))
 
     uses_rope = _resolve_no_rope_layers(f, num_layers)
+    meta_interval = f.get("nope_layer_interval") and f.positive_int("nope_layer_interval")
+    if meta_interval and uses_rope != tuple((i + 1) % meta_interval != 0 for i in range(num_layers)):
+        raise f.error(
+            "nope_layer_interval",
+            "an interval agreeing with no_rope_layers / no_rope_layer_interval (Meta's name for the latter)",
+            meta_interval,
+        )
     chunked = _resolve_layer_types(f, num_layers, uses_rope)
     chunk = f.get("attention_chunk_size")
     if any(chunked) or chunk is not None:
