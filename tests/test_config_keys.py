@@ -87,6 +87,16 @@ def test_published_config_keys_are_all_known(model):
     assert config_keys.unknown_keys(config, KNOWN[model]) == []
 
 
+def test_published_drafter_keys_are_all_known():
+    """The DFlash drafters' own keys (their config is otherwise a Laguna config)."""
+    from vllm_laguna.configs.laguna_dflash import DFLASH_KEYS
+
+    drafter = ["architectures", "dflash_config", "draft_vocab_size", "model_type", "num_experts", "rope_theta"]
+    config = SimpleNamespace(**dict.fromkeys(drafter))
+    assert config_keys.unknown_keys(config, KNOWN["Laguna"] | DFLASH_KEYS) == []
+    assert config_keys.unknown_keys(config, KNOWN["Laguna"]) == ["dflash_config", "draft_vocab_size"]
+
+
 @pytest.mark.parametrize("model", list(PUBLISHED_KEYS))
 def test_tiny_checkpoints_load_without_a_warning(model, tiny_configs, caplog):
     PARSERS[model](tiny_configs[model])

@@ -21,10 +21,10 @@ import pytest
 
 import torch
 
-from harness import assert_parity, hf_greedy, prompts_for, shutdown, start_engine, vllm_spec_run
+from harness import assert_parity, hf_greedy, load_error, prompts_for, shutdown, start_engine, vllm_spec_run
 from vllm_laguna.tiny.dflash_oracle import build_dflash_oracle, cycle_prompts, successor
 from vllm_laguna.tiny.eagle3 import build_eagle3
-from vllm_laguna.tiny.laguna import build_laguna, build_laguna_dflash
+from vllm_laguna.tiny.laguna import LagunaTiny, build_laguna, build_laguna_dflash
 from vllm_laguna.tiny.lfm2 import build_lfm2
 from vllm_laguna.tiny.llama4 import build_llama4
 
@@ -136,6 +136,27 @@ def test_dflash_first_draft_always_accepted(oracle, record_property):
         assert greedy.tokens == expected[1:]
     assert stats.num_drafts > 0
     assert stats.accepted_per_position[0] == stats.num_drafts
+
+
+def test_dflash_drafter_split_over_kv_cache_groups_refused_at_load(tmp_path):
+    """A 3-layer drafter on a 2 full + 4 sliding target, with its own K/V shape (head_dim 64,
+    the target's 32), would have its layers in two KV-cache groups: vLLM stopped in the worker
+    on "All drafting layers should belong to the same kv cache group" after profiling; the
+    drafter refuses at construction, naming the layer counts that fit (1 to 2)."""
+    target = LagunaTiny(
+        num_layers=6,
+        heads_per_layer=[4] * 6,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"] * 2,
+        mlp_layer_types=["dense"] + ["sparse"] * 5,
+    )
+    checkpoint = build_laguna(tmp_path / "target", target)
+    drafter = build_laguna_dflash(tmp_path / "drafter", target, num_layers=3, target_layer_ids=[0, 2, 4], head_dim=64)
+    spec = {"method": "dflash", "model": str(drafter), "num_speculative_tokens": 3}
+    message = load_error(checkpoint, "float32", speculative_config=spec)
+    refusal = "ConfigError: Laguna DFlash drafter config field `num_hidden_layers`: expected 1 to 2 drafter layers"
+    assert refusal in message
+    assert "(2 full_attention + 4 sliding_attention layers)" in message
+    assert "All drafting layers" not in message
 
 
 def test_ngram_laguna_keeps_greedy_output(laguna, laguna_reference, record_property, ngram_in_own_process):

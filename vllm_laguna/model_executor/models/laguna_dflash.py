@@ -22,7 +22,9 @@ The drafter layers are :class:`~vllm_laguna.model_executor.models.laguna.LagunaD
 in after loading). Attention layers are named after the target's (``model.layers.{L + i}``
 for a target of ``L`` layers), as vLLM's DFlash drafters are, so both share one KV-cache
 manager; their KV cache is allocated as full attention, because context K/V are written at
-absolute slots, while the compute keeps the window.
+absolute slots, while the compute keeps the window. vLLM needs all of them in one KV-cache
+group, which bounds the drafter's depth on a hybrid target: checked at construction
+(``configs/laguna_dflash.py``, ``check_kv_cache_grouping``).
 
 Why not vLLM's own ``DFlashLagunaForCausalLM``: it builds vLLM's in-tree Laguna layers and
 stacks every layer's norm weights into one ``ops.rms_norm`` call, which vLLM's CPU kernel
@@ -56,7 +58,8 @@ from vllm.model_executor.models.utils import (
     process_eagle_weight,
 )
 
-from vllm_laguna.configs.laguna_dflash import LagunaDFlashArch, parse_laguna_dflash_config
+from vllm_laguna.configs.laguna import parse_laguna_config
+from vllm_laguna.configs.laguna_dflash import LagunaDFlashArch, check_kv_cache_grouping, parse_laguna_dflash_config
 from vllm_laguna.model_executor.checkpoint import CheckpointAudit
 from vllm_laguna.model_executor.models.causal_lm import swiglu_shards
 from vllm_laguna.model_executor.models.laguna import LagunaDecoderLayer
@@ -74,6 +77,12 @@ class LagunaDFlashModel(nn.Module):
         num_target_layers = target.get_total_num_hidden_layers()
         self.arch: LagunaDFlashArch = parse_laguna_dflash_config(
             draft_config, num_target_layers, target.get_vocab_size(), target.get_hidden_size()
+        )
+        check_kv_cache_grouping(
+            self.arch,
+            parse_laguna_config(target.hf_text_config),
+            vllm_config.parallel_config.tensor_parallel_size,
+            not vllm_config.scheduler_config.disable_hybrid_kv_cache_manager,
         )
         layers = self.arch.layers
         quant_config = get_draft_quant_config(vllm_config)
