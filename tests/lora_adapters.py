@@ -27,16 +27,22 @@ def build_peft_adapter(
     alpha: int = 16,
     b_std: float = 0.05,
     seed: int = 0,
+    target_parameters: Sequence[str] = (),
 ):
-    """A LoRA adapter of ``rank`` on ``target_modules`` (transformers' module names) of the
+    """A LoRA adapter of ``rank`` on ``target_modules`` (transformers' module names) and
+    ``target_parameters`` (its parameter names, such as fused experts' ``mlp.experts.down_proj``,
+    which peft saves as ``...experts.lora_A``/``...experts.base_layer.lora_A``) of the
     checkpoint's transformers model, ``lora_B`` drawn with std ``b_std``, saved to ``out_dir``.
     Returns the peft model (fp32, eval; ``disable_adapter()`` gives the base model). Fails if
-    a target matches no module."""
+    a target module matches no module."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules)))
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(target_modules), target_parameters=list(target_parameters)
+    )
+    peft_model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed)
     # lora_B of linear layers, lora_embedding_B of embeddings
     lora_b = {name: p for name, p in peft_model.named_parameters() if "lora_B" in name or "lora_embedding_B" in name}

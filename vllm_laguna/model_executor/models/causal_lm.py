@@ -15,7 +15,7 @@ the final norm and LM head on the last rank. Between ranks the residual stream t
 """
 
 from collections.abc import Callable, Iterable
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -47,7 +47,14 @@ from vllm.sequence import IntermediateTensors
 
 from vllm_laguna.model_executor.cpu_support import check_model
 from vllm_laguna.model_executor.layers.cpu_gemm import use_fp32_gemms_for_bf16
-from vllm_laguna.model_executor.layers.experts import replicate_fused_experts
+from vllm_laguna.model_executor.layers.experts import (
+    lora_targets_without_routed_experts,
+    refuse_routed_expert_adapters,
+    replicate_fused_experts,
+)
+
+if TYPE_CHECKING:
+    from vllm.lora.model_manager import LoRAModelManager
 
 logger = init_logger(__name__)
 
@@ -173,8 +180,8 @@ class CausalLM(nn.Module, SupportsLoRA, SupportsQuant, SupportsPP):
     """vLLM's model interface around a :class:`DecoderModel`: LM head (tied or not, on the
     last pipeline rank) and logits.
 
-    LoRA: vLLM's LoRA manager wraps the parallel linear layers (and fused-MoE layers; see
-    :mod:`vllm_laguna.model_executor.layers.experts`) after loading. Adapters name checkpoint
+    LoRA: vLLM's LoRA manager wraps the parallel linear layers (and fused-MoE layers off the
+    CPU backend; see :class:`MoECausalLM`) after loading. Adapters name checkpoint
     modules: ``hf_to_vllm_mapper``'s renames map them to ours, ``packed_modules_mapping``
     says which of them a fused layer holds, ``embedding_modules`` lets them change
     ``embed_tokens``/``lm_head``.
@@ -242,7 +249,15 @@ class MoECausalLM(CausalLM, MixtureOfExperts):
     checkpoint's, physical ones add ``num_redundant_experts`` replicas, local ones are this
     expert-parallel rank's. ``set_eplb_state`` (vLLM's default) registers each layer's expert
     weights and hands the layer's router its slice of the EPLB maps.
+
+    LoRA on the CPU backend, where vLLM has no MoE-LoRA kernel: an unset ``lora_target_modules``
+    becomes every module vLLM would wrap but the routed experts, and the LoRA manager, when it
+    registers itself (``lora_manager``), stops expecting routed-expert weights in adapters, so
+    vLLM refuses an adapter carrying them (see :mod:`vllm_laguna.model_executor.layers.experts`).
     """
+
+    #: the LoRA manager that registered itself (``SupportsLoRA.lora_manager``)
+    _lora_manager: "LoRAModelManager | None" = None
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -255,6 +270,22 @@ class MoECausalLM(CausalLM, MixtureOfExperts):
         self.num_local_physical_experts = moe.num_local_experts if moe else 0
         self.num_redundant_experts = self.num_physical_experts - self.num_logical_experts
         self.num_shared_experts = int(bool(self.moe_layers) and self.moe_layers[0].shared_experts is not None)
+        lora_config = vllm_config.lora_config
+        if lora_config is not None and lora_config.target_modules is None and current_platform.is_cpu():
+            lora_config.target_modules = lora_targets_without_routed_experts(self)
+
+    @property
+    def lora_manager(self) -> "LoRAModelManager | None":
+        return self._lora_manager
+
+    @lora_manager.setter
+    def lora_manager(self, manager: "LoRAModelManager") -> None:
+        """vLLM's LoRA manager registers itself here once it has wrapped the model's layers; on
+        the CPU backend it has wrapped no routed experts, and adapters carrying their weights
+        are to be refused rather than loaded and not applied."""
+        if current_platform.is_cpu():
+            refuse_routed_expert_adapters(manager)
+        self._lora_manager = manager
 
     def with_expert_replicas(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
         """The checkpoint stream with fused expert tensors covering the redundant replicas too
