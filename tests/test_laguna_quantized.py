@@ -108,14 +108,17 @@ def laguna_on_meta(default_vllm_config, tmp_path):
         yield model, AutoConfig.from_pretrained(ckpt)
 
 
-def test_amx_int8_kernel_layers_found_in_the_built_model(int8_checkpoints, default_vllm_config, tmp_path):
+def test_amx_int8_kernel_layers_found_in_the_built_model(int8_checkpoints, default_vllm_config, tmp_path, monkeypatch):
     """The load-time check finds the int8 linears vLLM would hand to its AMX kernel in a built
     model (an AMX CPU made up here, the real refusal is test_int8_w8a8_in_fp32_refused_on_amx):
-    fp32 is refused, bf16 is not."""
+    fp32 is refused, bf16 is not. The models are built as on an AVX2 CPU, whatever this one is,
+    so that an AMX machine's own check does not refuse the fp32 one while it is built."""
     from vllm_laguna.cpu_kind import CpuKind
+    from vllm_laguna.model_executor import cpu_support
     from vllm_laguna.model_executor.cpu_support import UnsupportedOnCpu, check_model
 
     amx = CpuKind(avx2=True, avx512=True, avx512_bf16=True, amx=True)
+    monkeypatch.setattr(cpu_support, "detect", lambda: CpuKind(avx2=True, avx512=False, avx512_bf16=False, amx=False))
     with _on_meta(int8_checkpoints[0], "float32", tmp_path / "dist32") as (model, vllm_config):
         with pytest.raises(UnsupportedOnCpu, match="use dtype='bfloat16'"):
             check_model(vllm_config, model, kind=amx)

@@ -84,6 +84,7 @@ FEATURES = {
 DEFAULT_EVERYWHERE = {
     "hidden_act": "only silu is accepted",
     "partial_rotary_factor": "only 1.0 is accepted",
+    "nope_layer_interval": "Meta's name for no_rope_layer_interval, only checked against it (test_config_keys)",
     "rope_parameters": "transformers v5's name; the checkpoints write rope_scaling (test_llama4_config)",
     "text_config": "multimodal checkpoints: test_other_checkpoint_layouts_load_the_same_model",
 }
