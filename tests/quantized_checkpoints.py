@@ -9,8 +9,9 @@ kernels and not the rounding of the weights.
   activations at run time); routed experts and router stay full precision.
 * :func:`fp8_block_experts`: the routed experts' weights to FP8 (e4m3) with one scale per
   128x128 block (llm-compressor's ``FP8_BLOCK``), everything else full precision.
-* :func:`int8_experts`: the routed experts to int8 W8A8 as well (a scheme vLLM's CPU MoE kernels
-  refuse for sigmoid-routed models).
+* int8 W8A8 and int4 W4A16 routed experts are written by compressed-tensors' own compressors
+  (:func:`vllm_laguna.tiny.quantize.quantize_checkpoint`); :func:`roll_expert_scales` and
+  :func:`reverse_scale_groups` plant scale bugs in such a checkpoint.
 * :func:`nvfp4_tensor_names` lists the tensors an NVFP4 checkpoint of the same model holds
   (Laguna-M.1-NVFP4's layout: MLPs and experts NVFP4, attention and router bf16).
 """
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from checkpoint_edits import rewrite_tensors
 
@@ -171,10 +173,38 @@ def vary_expert_blocks(ckpt: Path) -> None:
     rewrite_tensors(ckpt, vary)
 
 
-def int8_experts(src: Path, quantized: Path, dequantized: Path) -> None:
-    """Routed experts as int8 W8A8 (per-channel weights), everything else full precision."""
-    config = int8_quant_config([EXPERTS_TARGET], ["lm_head"])
-    _write(src, quantized, dequantized, config, _is_expert_weight, _int8_per_channel)
+def roll_expert_scales(ckpt: Path) -> None:
+    """Planted bug: every routed expert ``e`` gets the weight scales of expert ``e + 1`` (mod
+    the expert count), as a loader mapping scales to the wrong expert would."""
+
+    pattern = re.compile(r"\.experts\.(\d+)\.\w+_proj\.weight_scale$")
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    scales = {}  # every shard's, as an expert's neighbour may sit in another shard
+    for shard in set(index["weight_map"].values()):
+        scales.update({n: t for n, t in load_file(ckpt / shard).items() if pattern.search(n)})
+    experts = 1 + max(int(pattern.search(name).group(1)) for name in scales)
+
+    def neighbour(name: str) -> str:
+        expert = int(pattern.search(name).group(1))
+        return name.replace(f".experts.{expert}.", f".experts.{(expert + 1) % experts}.")
+
+    def roll(tensors):
+        return {name: scales[neighbour(name)] if name in scales else t for name, t in tensors.items()}
+
+    rewrite_tensors(ckpt, roll)
+
+
+def reverse_scale_groups(ckpt: Path) -> None:
+    """Planted bug: the group scales of every routed expert weight (``weight_scale``
+    ``[out, in / group]``) in reverse group order, as a loader mixing up groups would."""
+
+    def reverse(tensors):
+        return {
+            name: t.flip(-1) if ".experts." in name and name.endswith("weight_scale") else t
+            for name, t in tensors.items()
+        }
+
+    rewrite_tensors(ckpt, reverse)
 
 
 NVFP4_QUANT_CONFIG = {

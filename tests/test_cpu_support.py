@@ -4,6 +4,8 @@ for every CPU kind, with made-up ``CpuKind``s: the real refusals run in the engi
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -11,8 +13,12 @@ from quantized_checkpoints import fp8_block_quant_config, int8_quant_config
 from vllm_laguna.cpu_kind import CpuKind
 from vllm_laguna.model_executor.cpu_support import (
     FP8_BLOCK_EXPERTS,
+    INT4_EXPERTS,
     INT8_EXPERTS,
     CpuRequest,
+    UnsupportedOnCpu,
+    check_built_experts,
+    cpu_routing_method,
     expert_scheme,
     refusal,
 )
@@ -57,24 +63,109 @@ def test_fp8_block_experts_need_amx_and_bf16():
     assert "use dtype='bfloat16'" in reason
 
 
-@pytest.mark.parametrize("scheme", [INT8_EXPERTS, "FP8 (channel scales)", "int4 (group)"])
-def test_other_quantized_experts_are_refused_with_what_runs(scheme):
+@pytest.mark.parametrize("scheme", [INT8_EXPERTS, INT4_EXPERTS])
+def test_int_experts_run_on_amx_in_bf16(scheme):
+    """vLLM's CPUExpertsInt8/CPUExpertsInt4 need AMX and compute in bf16/fp16."""
+    assert refusal(CpuRequest(dtype=BF16, experts=scheme), AMX) is None
+    assert "use dtype='bfloat16'" in refusal(CpuRequest(dtype=FP32, experts=scheme), AMX)
+
+
+def test_int4_experts_on_avx2_name_the_missing_kernels():
+    reason = refusal(CpuRequest(dtype=BF16, experts=INT4_EXPERTS), AVX2)
+    assert "fused_experts_cpu" in reason and "cpu_gemm_wna16" in reason and "AVX2" in reason
+    assert "ignore" in reason and "AMX CPU" in reason
+
+
+@pytest.mark.parametrize("kind, scheme", [(AVX2, INT8_EXPERTS), (AVX512, INT8_EXPERTS), (AVX512, INT4_EXPERTS)])
+def test_int_experts_without_amx_are_not_implemented_yet(kind, scheme):
+    reason = refusal(CpuRequest(dtype=BF16, experts=scheme), kind)
+    assert scheme in reason and "not implemented yet" in reason and kind.name in reason
+    assert "ignore" in reason and "AMX CPU" in reason
+
+
+@pytest.mark.parametrize(
+    "scheme", ["FP8 (channel scales)", "int4 W4A16 (group size 32)", "int4 W4A16 (asymmetric)", "int8 (channel)"]
+)
+def test_schemes_without_a_cpu_moe_kernel_are_refused_with_what_runs(scheme):
     for kind in (AVX2, AMX):
         reason = refusal(CpuRequest(dtype=BF16, experts=scheme), kind)
-        assert scheme in reason and "softmax routing" in reason
-        assert FP8_BLOCK_EXPERTS in reason and "ignore" in reason
+        assert scheme in reason and "no MoE kernel for that scheme" in reason
+        assert all(s in reason for s in (INT8_EXPERTS, INT4_EXPERTS, FP8_BLOCK_EXPERTS)) and "ignore" in reason
 
 
 def test_router_weights_on_the_expert_input_refuse_every_quantized_scheme():
-    for scheme in (FP8_BLOCK_EXPERTS, INT8_EXPERTS):
+    for scheme in (FP8_BLOCK_EXPERTS, INT8_EXPERTS, INT4_EXPERTS):
         reason = refusal(CpuRequest(dtype=BF16, experts=scheme, router_weights_on_input=True), AMX)
         assert "expert input" in reason and "unquantized" in reason
+
+
+def test_the_routing_label_is_one_vllms_class_for_the_scheme_accepts():
+    """Our router reports, per expert scheme, a routing method the vLLM 0.32 CPU class that
+    runs it lists (the label only selects the class, which takes our ids and weights)."""
+    from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import (
+        CPUExpertsFp8,
+        CPUExpertsInt4,
+        CPUExpertsInt8,
+        X86CPUUnquantizedExperts,
+    )
+    from vllm.model_executor.layers.quantization.utils.quant_utils import (
+        kFp8Static128BlockSym,
+        kInt4Static,
+        kInt8DynamicTokenSym,
+        kInt8StaticChannelSym,
+    )
+
+    cases = [
+        (CPUExpertsInt8, INT8_EXPERTS, kInt8StaticChannelSym, kInt8DynamicTokenSym),
+        (CPUExpertsInt4, INT4_EXPERTS, kInt4Static, None),
+        (CPUExpertsFp8, FP8_BLOCK_EXPERTS, kFp8Static128BlockSym, None),
+        (X86CPUUnquantizedExperts, None, None, None),
+    ]
+    for cls, scheme, weight_key, activation_key in cases:
+        label = cpu_routing_method(scheme)
+        assert cls._supports_routing_method(label, weight_key, activation_key), (cls.__name__, label)
+        assert cls.is_monolithic() is False, cls.__name__
+    assert cpu_routing_method(INT8_EXPERTS) == RoutingMethodType.Renormalize
+    assert cpu_routing_method(FP8_BLOCK_EXPERTS) == cpu_routing_method(None) == RoutingMethodType.DeepSeekV3
+
+
+def test_a_monolithic_experts_kernel_is_refused_once_built():
+    """zentorch's int4 MoE (a Zen CPU with zentorch installed, VLLM_CPU_INT4_W4A8 on by
+    default) accepts the label int4 experts report and routes by softmax itself: once vLLM
+    has picked it for a layer, the load stops, naming it and the switch; a modular pick passes."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsInt4
+    from vllm.model_executor.layers.fused_moe.experts.zentorch_moe import ZentorchExpertsInt4
+    from vllm.model_executor.layers.quantization.utils.quant_utils import kInt4Static
+
+    assert ZentorchExpertsInt4._supports_routing_method(cpu_routing_method(INT4_EXPERTS), kInt4Static, None)
+
+    def runner(cls):
+        method = SimpleNamespace(is_monolithic=cls.is_monolithic(), experts_cls=cls)
+        return SimpleNamespace(routed_experts=SimpleNamespace(quant_method=method))
+
+    with pytest.raises(UnsupportedOnCpu, match="ZentorchExpertsInt4.*routes by softmax.*VLLM_CPU_INT4_W4A8=0"):
+        check_built_experts(runner(ZentorchExpertsInt4), "model.layers.1.mlp.experts")
+    check_built_experts(runner(CPUExpertsInt4), "model.layers.1.mlp.experts")
+
+
+def _int4_config(**weights) -> dict:
+    """compressed-tensors W4A16 on the routed experts, with ``weights`` overriding the preset's."""
+    args = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128, "symmetric": True, "dynamic": False}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["re:.*mlp\\.experts\\..*"], "weights": {**args, **weights}}},
+        "ignore": ["lm_head"],
+    }
 
 
 def test_expert_scheme_follows_vllms_matching():
     """The scheme the compressed-tensors config gives a fused-MoE layer, through vLLM's own
     target and ignore matching: experts only (regex target), every Linear (class target,
-    which vLLM extends to fused experts), and experts listed in `ignore`."""
+    which vLLM extends to fused experts), and experts listed in `ignore`; int4 weight-only
+    schemes vLLM's CPUExpertsInt4 takes, and those it does not (group size 32, asymmetric)."""
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
         CompressedTensorsConfig,
     )
@@ -87,6 +178,9 @@ def test_expert_scheme_follows_vllms_matching():
     assert scheme(fp8_block_quant_config()) == FP8_BLOCK_EXPERTS
     assert scheme(int8_quant_config(targets=["Linear"], ignore=["lm_head"])) == INT8_EXPERTS
     assert scheme(int8_quant_config(targets=["Linear"], ignore=["re:.*\\.experts\\..*"])) is None
+    assert scheme(_int4_config()) == scheme(_int4_config(group_size=64)) == INT4_EXPERTS
+    assert scheme(_int4_config(group_size=32)) == "int4 W4A16 (group size 32)"
+    assert scheme(_int4_config(symmetric=False)) == "int4 W4A16 (asymmetric)"
     assert expert_scheme(None, experts) is None
 
 

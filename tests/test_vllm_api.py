@@ -147,15 +147,18 @@ PINS: dict[str, tuple[str, ...]] = {
         "is_fused_checkpoint_transposed", "routed_input_transform", "routed_output_transform",
         "enable_eplb", "num_redundant_experts",
     ),
-    "vllm.model_executor.layers.fused_moe:MoERunner": ("moe_config", "shared_experts", "update_expert_map"),
+    "vllm.model_executor.layers.fused_moe:MoERunner": (
+        "moe_config", "shared_experts", "update_expert_map", "routed_experts",
+    ),
     "vllm.model_executor.layers.fused_moe:GateLinear": ("bias", "out_dtype", "quant_config", "prefix"),
-    "vllm.model_executor.layers.fused_moe.config:RoutingMethodType": ("Custom", "DeepSeekV3"),
+    "vllm.model_executor.layers.fused_moe.config:RoutingMethodType": ("Custom", "DeepSeekV3", "Renormalize"),
     "vllm.model_executor.layers.fused_moe.router.base_router:BaseRouter": (
         "top_k", "global_num_experts", "eplb_state", "_compute_routing", "_apply_eplb_mapping", "routing_method_type",
         "supports_monolithic_kernels@0.33",
     ),
     # what the CPU kernels run (model_executor/cpu_support.py)
-    "vllm.model_executor.layers.fused_moe:RoutedExperts": (),
+    "vllm.model_executor.layers.fused_moe:RoutedExperts": ("quant_method",),
+    "vllm.model_executor.layers.fused_moe.fused_moe_method_base:FusedMoEMethodBase": ("is_monolithic",),
     "vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors:CompressedTensorsConfig": (
         "_add_fused_moe_to_target_scheme_map", "get_scheme_dict",
     ),
@@ -387,8 +390,8 @@ def test_our_routers_refuse_monolithic_kernels():
     ]
     for router in routers:
         assert router.supports_monolithic_kernels is False
-    # Custom, except Laguna's on CPU: DeepSeekV3, which vLLM's CPU FP8 MoE kernels accept and
-    # no monolithic CPU kernel does (LagunaTopKRouter.routing_method_type)
+    # Custom, except Laguna's on CPU: for unquantized or FP8 experts (no quant config here)
+    # DeepSeekV3, which vLLM's CPU FP8 MoE kernels accept (LagunaTopKRouter.routing_method_type)
     laguna_on_this_platform = RoutingMethodType.DeepSeekV3 if current_platform.is_cpu() else RoutingMethodType.Custom
     assert routers[0].routing_method_type == laguna_on_this_platform
     assert routers[1].routing_method_type == RoutingMethodType.Custom

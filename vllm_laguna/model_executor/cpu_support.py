@@ -15,23 +15,37 @@ What the rules encode (vLLM 0.32 sources):
 * int8 W8A8 linears: on AMX, every layer with a symmetric-activation scheme, ``K % 32 == 0``
   and ``N % 16 == 0`` runs ``int8_scaled_mm_with_quant`` (``CPUInt8ScaledMMLinearKernel``),
   which takes bf16/fp16 activations only; elsewhere oneDNN runs them in fp32 or bf16.
-* quantized routed experts: every CPU quantized MoE kernel needs AMX (``CPUExpertsInt8``,
-  ``CPUExpertsFp8``...) and checks the routing method it is built for. The int8, int4 and
-  MXFP4 ones accept only softmax routing; the FP8 ones also accept DeepSeek-V3 routing, which
-  Laguna's is (sigmoid, selection bias, renormalised, scaled, one expert group), and only
-  128x128 block-quantized weights (``kFp8Static128BlockSym``). They compute in bf16/fp16
-  (``AT_DISPATCH_REDUCED_FLOATING_TYPES`` in ``fused_experts_cpu``) and none applies router
-  weights to the expert input (Llama 4's scheme).
+* quantized routed experts: vLLM's CPU MoE kernels for x86 (``CPUExpertsFp8``,
+  ``CPUExpertsInt8``, ``CPUExpertsInt4`` in ``fused_moe/experts/cpu_moe.py``) are modular:
+  the runner calls our router's ``select_experts`` and hands its ids and weights to the
+  kernel (``runner/moe_runner.py``, ``RoutedExperts.forward_modular``). The MoE config's
+  routing method is read once from the router (``layer.py``) and only gates which class is
+  selected (``FusedMoEExperts.is_supported_config``); no modular class routes or renormalises
+  by it. So our routers report the label the class for the experts' scheme accepts
+  (:func:`cpu_routing_method`): ``DeepSeekV3`` for FP8 (128x128 blocks only,
+  ``kFp8Static128BlockSym``), ``Renormalize`` for int8 W8A8 (channel weights, dynamic
+  per-token activations) and int4 W4A16 (compressed-tensors pack-quantized, symmetric; group
+  size 32 maps to ``kInt4Static32``, which the CPU class does not take). All three need AMX
+  (``_supports_current_device``) and compute in bf16/fp16 (``AT_DISPATCH_REDUCED_FLOATING_TYPES``
+  in ``fused_experts_cpu``, which only vLLM's ``_C`` build has: ``_C_AVX2`` lacks it and
+  ``cpu_gemm_wna16``). Monolithic kernels (zentorch's int4 on Zen CPUs with zentorch installed
+  and ``VLLM_CPU_INT4_W4A8=1``; it accepts ``Renormalize`` and routes by softmax itself) must
+  never take our layers: :func:`check_built_experts` refuses one once the layer is built. None
+  applies router weights to the expert input (Llama 4's scheme).
 * the fp8 KV cache: ``cpu_attn._get_attn_isa`` needs AVX-512 or AMX.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from vllm_laguna.cpu_kind import CpuKind, detect
+
+if TYPE_CHECKING:
+    from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
 
 
 class UnsupportedOnCpu(ValueError):
@@ -40,7 +54,10 @@ class UnsupportedOnCpu(ValueError):
 
 #: quantized-expert schemes as :func:`expert_scheme` names them
 INT8_EXPERTS = "int8 W8A8"
+INT4_EXPERTS = "int4 W4A16 (symmetric, group size other than 32)"
 FP8_BLOCK_EXPERTS = "FP8 with 128x128 blocks"
+#: the schemes vLLM's AMX MoE kernels run with our routers' ids and weights
+AMX_EXPERTS = (INT8_EXPERTS, INT4_EXPERTS, FP8_BLOCK_EXPERTS)
 
 #: what to write in a compressed-tensors config to keep the routed experts unquantized
 IGNORE_EXPERTS = "add 're:.*\\.experts\\..*' to the quantization config's `ignore` list"
@@ -83,21 +100,50 @@ def refusal(request: CpuRequest, kind: CpuKind) -> str | None:
             f"{experts}: this model applies router weights to the expert input, which none of "
             f"vLLM's CPU quantized MoE kernels supports: {keep}"
         )
-    if request.experts != FP8_BLOCK_EXPERTS:
+    if request.experts not in AMX_EXPERTS:
         return (
-            f"{experts}: vLLM's CPU MoE kernels for that scheme accept softmax routing only, and "
-            f"this model routes by sigmoid with a selection bias: quantize the experts as "
-            f"{FP8_BLOCK_EXPERTS} (weights strategy 'block', block_structure [128, 128]; needs "
-            f"AMX) or {keep}"
+            f"{experts}: vLLM's CPU backend has no MoE kernel for that scheme: quantize the "
+            f"experts as {INT8_EXPERTS} (channel weights, dynamic per-token activations), "
+            f"{INT4_EXPERTS} (compressed-tensors pack-quantized) or {FP8_BLOCK_EXPERTS} (weights "
+            f"strategy 'block', block_structure [128, 128]), all on AMX, or {keep}"
         )
     if not kind.amx:
-        return f"{experts}: vLLM's CPU FP8 MoE kernels need AMX (this CPU is {kind.name}): {keep}"
+        return f"{experts}: {_missing_expert_kernel(request.experts, kind)}: {keep}, or run on an AMX CPU"
     if not low_precision:
         return (
-            f"{experts}: vLLM's AMX FP8 MoE kernel takes bfloat16 or float16 activations, not "
+            f"{experts}: vLLM's AMX MoE kernels take bfloat16 or float16 activations, not "
             f"{request.dtype}: use dtype='bfloat16'"
         )
     return None
+
+
+def _missing_expert_kernel(scheme: str, kind: CpuKind) -> str:
+    """Why experts quantized as ``scheme`` (one of :data:`AMX_EXPERTS`) do not run on a CPU
+    of ``kind`` without AMX."""
+    if scheme == FP8_BLOCK_EXPERTS:
+        return f"vLLM's CPU FP8 MoE kernels need AMX (this CPU is {kind.name})"
+    if scheme == INT4_EXPERTS and not kind.avx512:
+        return (
+            f"this CPU is {kind.name}, where vLLM loads its _C_AVX2 build, which has neither "
+            f"fused_experts_cpu nor cpu_gemm_wna16 (no int4 MoE or int4 GEMM kernel)"
+        )
+    return (
+        f"vLLM runs these experts with its AMX class only, and running them on a {kind.name} "
+        f"CPU (this one) is not implemented yet"
+    )
+
+
+def cpu_routing_method(scheme: str | None) -> RoutingMethodType:
+    """The ``RoutingMethodType`` our routers report on the CPU backend for routed experts
+    quantized as ``scheme`` (:func:`expert_scheme`): a label the vLLM class for that scheme
+    accepts, ``Renormalize`` for int8/int4 (``CPUExpertsInt8``/``CPUExpertsInt4``) and
+    ``DeepSeekV3`` otherwise (``CPUExpertsFp8``, the unquantized classes, which accept any).
+    The label only picks the class; the class takes our router's ids and weights."""
+    from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
+
+    if scheme in (INT8_EXPERTS, INT4_EXPERTS):
+        return RoutingMethodType.Renormalize
+    return RoutingMethodType.DeepSeekV3
 
 
 def expert_scheme(quant_config, experts_prefix: str) -> str | None:
@@ -125,6 +171,8 @@ def expert_scheme(quant_config, experts_prefix: str) -> str | None:
             return None
         if weights.type == "int" and weights.num_bits == 8 and inputs is not None and inputs.num_bits == 8:
             return INT8_EXPERTS
+        if weights.type == "int" and weights.num_bits == 4 and inputs is None:
+            return _int4_scheme(weights)
         if weights.type == "float" and weights.num_bits == 8:
             block = list(weights.block_structure or []) if weights.strategy == "block" else []
             return FP8_BLOCK_EXPERTS if block == [128, 128] else f"FP8 ({weights.strategy} scales)"
@@ -140,6 +188,21 @@ def expert_scheme(quant_config, experts_prefix: str) -> str | None:
         block = list(quant_config.weight_block_size or [])
         return FP8_BLOCK_EXPERTS if block == [128, 128] else "FP8 (per-tensor scales)"
     return quant_config.get_name()
+
+
+def _int4_scheme(weights) -> str:
+    """The name of an int4 weight-only compressed-tensors scheme: :data:`INT4_EXPERTS` where
+    vLLM's ``CPUExpertsInt4`` takes it (symmetric group scales, no activation reordering,
+    group size not 32, whose ``kInt4Static32`` key the CPU class does not list)."""
+    if weights.strategy != "group" or weights.group_size is None:
+        return f"int4 W4A16 ({weights.strategy} scales)"
+    if not weights.symmetric:
+        return "int4 W4A16 (asymmetric)"
+    if weights.actorder == "group":
+        return "int4 W4A16 (activation-ordered groups)"
+    if weights.group_size == 32:
+        return "int4 W4A16 (group size 32)"
+    return INT4_EXPERTS
 
 
 def _on_cpu() -> bool:
@@ -169,6 +232,24 @@ def check_experts(
         router_weights_on_input=router_weights_on_input,
     )
     _raise_if_refused(request, kind)
+
+
+def check_built_experts(runner: torch.nn.Module, prefix: str) -> None:
+    """Once a fused-MoE layer (vLLM's ``MoERunner``) is built: refuse a monolithic experts
+    kernel, which takes the router logits and routes by softmax itself, ignoring our router.
+    On vLLM 0.32 the one x86 can pick is zentorch's int4 MoE (``ZentorchExpertsInt4``: a Zen
+    CPU with zentorch installed, ``VLLM_CPU_INT4_W4A8`` on, its default); vLLM 0.33 excludes
+    such kernels itself (``supports_monolithic_kernels``)."""
+    if not _on_cpu():
+        return
+    method = runner.routed_experts.quant_method
+    if method.is_monolithic:
+        kernel = getattr(getattr(method, "experts_cls", None), "__name__", type(method).__name__)
+        raise UnsupportedOnCpu(
+            f"vLLM picked {kernel} for {prefix}, a MoE kernel that routes by softmax itself, "
+            f"which is not this model's routing: set VLLM_CPU_INT4_W4A8=0 (vLLM then runs int4 "
+            f"experts with CPUExpertsInt4, on AMX) or {IGNORE_EXPERTS}"
+        )
 
 
 def check_model(vllm_config, model: torch.nn.Module, kind: CpuKind | None = None) -> None:

@@ -7,6 +7,13 @@ value parsed as JSON when it parses (``--set layout='"transformers"'`` or
 
     python -m vllm_laguna.tiny laguna /tmp/laguna --set gating='"per-element"' --set router_softcap=1.0
     python -m vllm_laguna.tiny laguna /tmp/xs2 --preset xs2-scaled
+
+``--quantize int8|int4`` (Laguna) writes the routed experts quantized by compressed-tensors
+(int8 W8A8, or int4 W4A16 with ``--group-size``, default 128) to OUT_DIR and their exact
+dequantized twin (fp32, no quantization config) to ``OUT_DIR-dequantized``
+(:mod:`vllm_laguna.tiny.quantize`)::
+
+    python -m vllm_laguna.tiny laguna /tmp/xs2-int4 --preset xs2-scaled --quantize int4
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import argparse
 import dataclasses
 import importlib
 import json
+import tempfile
+from pathlib import Path
 
 #: model name -> (module, spec class, builder)
 BUILDERS = {
@@ -37,7 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--preset", default="default", help="named spec (default: 'default')")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="override a spec field")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="routed experts quantized (Laguna only)")
+    parser.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     args = parser.parse_args(argv)
+    if args.quantize and args.model != "laguna":
+        parser.error("--quantize: Laguna only")
 
     module_name, spec_name, builder_name = BUILDERS[args.model]
     module = importlib.import_module(module_name)
@@ -49,8 +62,19 @@ def main(argv: list[str] | None = None) -> None:
         if not sep or key not in fields:
             parser.error(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
         overrides[key] = _parse_value(value)
-    out = getattr(module, builder_name)(args.out_dir, spec, **overrides)
-    print(out)
+    build = getattr(module, builder_name)
+    if args.quantize is None:
+        print(build(args.out_dir, spec, **overrides))
+        return
+    from vllm_laguna.tiny.quantize import quantize_checkpoint
+
+    out = Path(args.out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = build(Path(tmp) / "source", spec, **overrides)
+        written = quantize_checkpoint(
+            source, out, out.with_name(f"{out.name}-dequantized"), scheme=args.quantize, group_size=args.group_size
+        )
+    print(*written, sep="\n")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from vllm.lora.utils import get_supported_lora_modules, is_in_target_modules
 from vllm.model_executor.layers.fused_moe import FusedMoEFactory, MoERunner
 from vllm.platforms import current_platform
 
-from vllm_laguna.model_executor.cpu_support import check_experts
+from vllm_laguna.model_executor.cpu_support import check_built_experts, check_experts
 
 if TYPE_CHECKING:
     from vllm.lora.model_manager import LoRAModelManager
@@ -141,7 +141,8 @@ def fused_experts(placement: ExpertPlacement, prefix: str, **factory_kwargs) -> 
     """``FusedMoEFactory(**factory_kwargs)`` with ``placement``'s expert counts, its router
     (in ``factory_kwargs``) built with ``placement.router_eplb_state()``, and LoRA's kernel
     choice as the module docstring describes. Quantized experts vLLM's CPU kernels cannot run,
-    and experts named as LoRA targets where vLLM has no kernel for it, are refused first."""
+    and experts named as LoRA targets where vLLM has no kernel for it, are refused first; a
+    monolithic experts kernel (one that routes by itself) is refused once built."""
     vllm_config = get_current_vllm_config()
     check_experts_lora(vllm_config, prefix)
     check_experts(
@@ -158,8 +159,11 @@ def fused_experts(placement: ExpertPlacement, prefix: str, **factory_kwargs) -> 
     )
     if vllm_config.lora_config is not None and not experts_take_lora(vllm_config, prefix):
         with _without_lora(vllm_config):
-            return FusedMoEFactory(**build)
-    return FusedMoEFactory(**build)
+            runner = FusedMoEFactory(**build)
+    else:
+        runner = FusedMoEFactory(**build)
+    check_built_experts(runner, prefix)
+    return runner
 
 
 #: fused expert tensors (all experts in one tensor, expert index first), as transformers

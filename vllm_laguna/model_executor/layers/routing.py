@@ -31,7 +31,8 @@ class OwnRouting(BaseRouter):
     * ``supports_monolithic_kernels`` is False: vLLM 0.33 then sets the MoE config's
       ``require_decomposed_backend``, which excludes every monolithic expert kernel (those
       that take router logits and route inside the kernel, e.g. TRT-LLM's, or zentorch's
-      int4 MoE, which accepts ``Custom``). vLLM 0.32 has no such hook and never reads it.
+      int4 MoE, which accepts ``Custom``). vLLM 0.32 has no such hook and never reads it;
+      there ``cpu_support.check_built_experts`` refuses a monolithic kernel at load.
     """
 
     @property
@@ -49,7 +50,8 @@ class LagunaTopKRouter(OwnRouting):
     The score is ``sigmoid`` or ``sqrt(softplus)`` (``score_func``, config
     ``moe_router_score_func``). ``correction_bias`` is the layer's ``e_score_correction_bias``
     parameter (fp32, [E]); it steers selection only. The routed scaling factor is folded into
-    the weights.
+    the weights. ``cpu_routing_method`` is the label reported on the CPU backend
+    (``cpu_support.cpu_routing_method`` of the experts' quantization).
     """
 
     def __init__(
@@ -61,23 +63,24 @@ class LagunaTopKRouter(OwnRouting):
         routed_scaling_factor: float,
         score_func: str = "sigmoid",
         eplb_state: EplbLayerState | None = None,
+        cpu_routing_method: RoutingMethodType = RoutingMethodType.DeepSeekV3,
     ):
         super().__init__(top_k=top_k, global_num_experts=num_experts, eplb_state=eplb_state)
         self.correction_bias = correction_bias
         self.softcap = softcap
         self.routed_scaling_factor = routed_scaling_factor
         self.score_func = score_func
+        self.cpu_routing_method = cpu_routing_method
 
     @property
     def routing_method_type(self) -> RoutingMethodType:
-        # On CPU: DeepSeekV3, which Laguna's sigmoid routing is with one expert group (vLLM's
-        # own router names sigmoid + bias + renormalise with a group count so; the label only
-        # picks a backend, whatever the score function). vLLM's CPU FP8
-        # MoE kernels take only routing types they know, DeepSeekV3 among them, and are
-        # modular: they take this router's ids and weights. No monolithic CPU kernel accepts
-        # DeepSeekV3 (CPUExpertsInt4, and zentorch's int4, which does accept Custom and
-        # would route by softmax). Elsewhere Custom (see OwnRouting).
-        return RoutingMethodType.DeepSeekV3 if current_platform.is_cpu() else RoutingMethodType.Custom
+        # On CPU every x86 expert class vLLM may pick for our layers is modular (takes this
+        # router's ids and weights; a monolithic one is refused at load,
+        # cpu_support.check_built_experts), and the label only selects the class, each of
+        # which lists the labels it takes: DeepSeekV3 (what Laguna's routing is, with one
+        # expert group) for the FP8 class, Renormalize for the int8 and int4 ones.
+        # Elsewhere Custom (see OwnRouting).
+        return self.cpu_routing_method if current_platform.is_cpu() else RoutingMethodType.Custom
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
         return kernels.sigmoid_topk(

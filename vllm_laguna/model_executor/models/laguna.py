@@ -31,6 +31,7 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
 from vllm_laguna.configs.laguna import LagunaArch, parse_laguna_config
 from vllm_laguna.model_executor.checkpoint import CheckpointAudit
+from vllm_laguna.model_executor.cpu_support import cpu_routing_method, expert_scheme
 from vllm_laguna.model_executor.layers.experts import ExpertPlacement, fused_experts
 from vllm_laguna.model_executor.layers.gated_attention import GatedAttention
 from vllm_laguna.model_executor.layers.routing import LagunaTopKRouter
@@ -91,6 +92,7 @@ class LagunaSparseMoeBlock(nn.Module):
             routed_scaling_factor=arch.routed_scaling_factor,
             score_func=arch.router_score_func,
             eplb_state=placement.router_eplb_state(),
+            cpu_routing_method=cpu_routing_method(expert_scheme(quant_config, f"{prefix}.experts")),
         )
         self.experts = fused_experts(
             placement,

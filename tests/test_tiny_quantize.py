@@ -1,0 +1,97 @@
+"""The quantized tiny checkpoints (``vllm_laguna.tiny.quantize``) hold what the formats define,
+their twins are the exact dequantization, and vLLM reads their quantization config as the
+scheme intended. No engine runs here: ``test_laguna_quantized_experts.py`` runs them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vllm_laguna.model_executor.cpu_support import INT4_EXPERTS, INT8_EXPERTS, expert_scheme
+from vllm_laguna.tiny.__main__ import main
+from vllm_laguna.tiny.laguna import build_laguna
+from vllm_laguna.tiny.quantize import quantize_checkpoint
+
+EXPERT = "model.layers.1.mlp.experts.5.down_proj."
+WIDE = {"hidden_size": 256, "moe_intermediate_size": 256}
+
+
+def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(ckpt.glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+def _unpack_int4(packed: torch.Tensor, columns: int) -> torch.Tensor:
+    """compressed-tensors' pack-quantized layout, read independently of its code: eight
+    signed 4-bit values per int32, lowest nibble first, stored offset by 8."""
+    nibbles = torch.stack([(packed >> (4 * i)) & 0xF for i in range(8)], dim=-1).reshape(packed.shape[0], -1)
+    return nibbles[:, :columns] - 8
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quantize")
+    base = build_laguna(root / "base", **WIDE)
+    made = {s: quantize_checkpoint(base, root / s, root / f"{s}-twin", scheme=s) for s in ("int8", "int4")}
+    return base, made
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_the_twin_is_the_exact_dequantization(checkpoints, scheme):
+    base, made = checkpoints
+    quantized, twin = made[scheme]
+    stored, exact, source = _tensors(quantized), _tensors(twin), _tensors(base)
+    scale = stored[EXPERT + "weight_scale"]
+    assert scale.dtype == torch.bfloat16
+    if scheme == "int8":
+        values = stored[EXPERT + "weight"]
+        assert values.dtype == torch.int8 and scale.shape == (256, 1)
+    else:
+        assert stored[EXPERT + "weight_shape"].tolist() == [256, 256]
+        assert stored[EXPERT + "weight_packed"].dtype == torch.int32 and scale.shape == (256, 2)
+        values = _unpack_int4(stored[EXPERT + "weight_packed"], 256)
+        assert values.min() >= -8 and values.max() <= 7
+    dequantized = values.float() * scale.float().repeat_interleave(256 // scale.shape[1], dim=1)
+    assert exact[EXPERT + "weight"].dtype == torch.float32
+    assert torch.equal(exact[EXPERT + "weight"], dequantized)
+    # rounded to a nearby level: within a step of the source weight (half a step but at the
+    # clamped ends: compressed-tensors' symmetric scale is max|w| / 7.5 for int4, whose top
+    # level is 7, and the scales are rounded to bf16)
+    step = scale.float().repeat_interleave(256 // scale.shape[1], dim=1)
+    assert ((dequantized - source[EXPERT + "weight"]).abs() <= step).all()
+    # everything else unchanged, and only the quantized checkpoint says it is quantized
+    attention = "model.layers.1.self_attn.o_proj.weight"
+    assert torch.equal(stored[attention], source[attention]) and torch.equal(exact[attention], source[attention])
+    assert "quantization_config" not in json.loads((twin / "config.json").read_text())
+
+
+@pytest.mark.parametrize("scheme, expected", [("int8", INT8_EXPERTS), ("int4", INT4_EXPERTS)])
+def test_vllm_reads_the_scheme_on_the_experts_only(checkpoints, scheme, expected):
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig,
+    )
+
+    config = json.loads((checkpoints[1][scheme][0] / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["quantization_status"] == "compressed"
+    parsed = CompressedTensorsConfig.from_config(config)
+    assert expert_scheme(parsed, "model.layers.1.mlp.experts") == expected
+
+
+def test_the_cli_writes_the_checkpoint_and_its_twin(tmp_path, capsys):
+    out = tmp_path / "int4"
+    main(["laguna", str(out), "--quantize", "int4", "--group-size", "64", *(f"--set={k}={v}" for k, v in WIDE.items())])
+    assert capsys.readouterr().out.split() == [str(out), str(tmp_path / "int4-dequantized")]
+    assert _tensors(out)[EXPERT + "weight_scale"].shape == (256, 4)
+    assert (tmp_path / "int4-dequantized" / "tokenizer.json").exists()
+
+
+def test_a_group_size_that_does_not_divide_the_width_is_refused(tmp_path):
+    base = build_laguna(tmp_path / "base")  # 32-wide experts
+    with pytest.raises(ValueError, match="group size 128 does not divide (32|64) input columns"):
+        quantize_checkpoint(base, tmp_path / "q", tmp_path / "t", scheme="int4")
