@@ -51,7 +51,7 @@ def causal_conv1d_prefill_torch(
     ``has_initial_state``: ``[R]`` bool, whether the slot already holds this request's
     earlier inputs (a later chunk of a chunked prompt, or a prefix-cache hit).
     """
-    num_tokens, _ = x.shape
+    num_tokens, channels = x.shape
     num_reqs = state_indices.shape[0]
     kernel = weight.shape[1]
     state_len = kernel - 1
@@ -63,21 +63,32 @@ def causal_conv1d_prefill_torch(
     # (where, not a product: a slot never written may hold NaN garbage)
     state = conv_state[slots.clamp(min=0)].float()  # [R, D, S]
     state = torch.where(usable[:, None, None], state, torch.zeros_like(state))
-
-    token = torch.arange(num_tokens, device=x.device)
-    req = torch.repeat_interleave(torch.arange(num_reqs, device=x.device), lens, output_size=num_tokens)
-    pos = token - starts[req]  # position of each token within its request's new tokens
     xf = x.float()
+    weights = weight.float()
+
+    # Tap k of token t reads input t - S + k. Every token first takes its taps from the tokens
+    # before it (shifted views, S zero rows in front): right for all but each request's first
+    # S tokens, whose early taps reach into the request's state; those few (R * S at most) are
+    # redone below. Per token the products and sums come in the same order either way.
+    padded = torch.cat([xf.new_zeros(state_len, channels), xf])
     acc = torch.zeros_like(xf) if bias is None else bias.float().expand_as(xf).clone()
     for k in range(kernel):
-        # tap k of token t reads input t - S + k: a new token, or column pos + k of the state
-        back = pos - state_len + k
-        from_x = xf[(token - state_len + k).clamp(min=0)]
-        from_state = state[req, :, (pos + k).clamp(max=state_len - 1)]
-        acc += torch.where((back >= 0)[:, None], from_x, from_state) * weight[:, k].float()
+        acc += padded[k : k + num_tokens] * weights[:, k]
+
+    col = torch.arange(state_len, device=x.device)
+    in_request = col < lens[:, None]  # [R, S]: the request has a new token at that position
+    head_pos = col.expand(num_reqs, -1)[in_request]  # [H] position within the request
+    head_req = torch.arange(num_reqs, device=x.device)[:, None].expand(-1, state_len)[in_request]
+    head = starts[head_req] + head_pos  # [H] token index
+    fixed = acc.new_zeros(len(head), channels) if bias is None else bias.float().expand(len(head), -1).clone()
+    for k in range(kernel):
+        back = head_pos - state_len + k
+        from_x = xf[(head - state_len + k).clamp(min=0)]
+        from_state = state[head_req, :, (head_pos + k).clamp(max=state_len - 1)]
+        fixed += torch.where((back >= 0)[:, None], from_x, from_state) * weights[:, k]
+    acc[head] = fixed
 
     # new state: the last S inputs of [old state ; new tokens]
-    col = torch.arange(state_len, device=x.device)
     back = lens[:, None] - state_len + col  # [R, S]
     from_x = xf[(starts[:, None] + back).clamp(min=0, max=max(num_tokens - 1, 0))]  # [R, S, D]
     from_state = state.gather(2, (lens[:, None] + col).clamp(max=state_len - 1)[:, None, :].expand_as(state))
