@@ -83,7 +83,7 @@ PINS: dict[str, tuple[str, ...]] = {
     "vllm.config:SchedulerConfig": ("disable_hybrid_kv_cache_manager",),
     "vllm.config:ModelConfig": (
         "dtype", "hf_config", "hf_text_config", "architecture", "get_total_num_hidden_layers", "get_vocab_size",
-        "get_hidden_size",
+        "get_hidden_size", "max_model_len",
     ),
     "vllm.config:CacheConfig": (
         "mamba_cache_dtype", "block_size", "kv_cache_memory_bytes", "gpu_memory_utilization", "cache_dtype",

@@ -10,7 +10,9 @@ Per layer ``i`` (see :class:`vllm_laguna.configs.llama4.Llama4Arch`):
   their ``attention_chunk_size`` chunk of absolute positions (``pos // chunk`` equal),
   through vLLM's :class:`ChunkedLocalAttention`.
 * NoPE layers attend globally and, with ``attn_temperature_tuning``, scale q per token
-  (:func:`attention_temperature`).
+  (:func:`attention_temperature`). The scale is exactly 1 below position ``floor_scale - 1``,
+  so an engine whose ``max_model_len`` stays below ``floor_scale`` skips the multiply (the
+  same numbers, fewer ops a step; vLLM's in-tree model switches the tuning off there too).
 
 Shapes on one tensor-parallel rank, T tokens: q ``[T, H_local * D]``, k/v
 ``[T, KV_local * D]``, positions ``[T]`` (absolute, per request).
@@ -50,6 +52,7 @@ class Llama4Attention(nn.Module):
         cache_config: CacheConfig | None,
         quant_config: QuantizationConfig | None,
         prefix: str,
+        max_model_len: int | None = None,
     ):
         super().__init__()
         self.heads = RankHeads.for_this_rank(arch.num_heads, arch.num_kv_heads, arch.head_dim)
@@ -84,7 +87,9 @@ class Llama4Attention(nn.Module):
         self.qk_norm = (
             RMSNorm(arch.head_dim, eps=arch.rms_norm_eps, has_weight=False) if arch.qk_norm(layer) else None
         )
-        self.temperature = (arch.floor_scale, arch.attn_scale) if arch.temperature(layer) else None
+        # positions run to max_model_len - 1: below floor_scale - 1 every scale is exactly 1
+        reaches_floor = max_model_len is None or max_model_len >= arch.floor_scale
+        self.temperature = (arch.floor_scale, arch.attn_scale) if arch.temperature(layer) and reaches_floor else None
 
         common = dict(
             num_kv_heads=self.heads.num_kv_heads,

@@ -48,7 +48,12 @@ class Llama4DecoderLayer(PreNormDecoderLayer):
         super().__init__()
         quant_config = vllm_config.quant_config
         self.self_attn = Llama4Attention(
-            arch, layer, vllm_config.cache_config, quant_config, prefix=f"{prefix}.self_attn"
+            arch,
+            layer,
+            vllm_config.cache_config,
+            quant_config,
+            prefix=f"{prefix}.self_attn",
+            max_model_len=vllm_config.model_config.max_model_len,
         )
         if arch.is_moe[layer]:
             self.feed_forward = Llama4MoE(arch, quant_config, prefix=f"{prefix}.feed_forward")
