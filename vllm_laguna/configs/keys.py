@@ -62,10 +62,8 @@ def unknown_keys(config: Any, known: frozenset[str]) -> list[str]:
     return sorted(config_keys(config) - known - COMMON_IGNORED_KEYS)
 
 
-def warn_unknown_keys(model: str, config: Any, known: frozenset[str], where: str = "config.json") -> list[str]:
-    """Warns once per process and key set about keys of ``config`` this plugin does not know.
-
-    Returns the unknown keys (warned about now or before)."""
+def warn_unknown_keys(model: str, config: Any, known: frozenset[str], where: str = "config.json") -> None:
+    """Warns once per process and key set about keys of ``config`` this plugin does not know."""
     unknown = unknown_keys(config, known)
     if unknown and (model, tuple(unknown)) not in _warned:
         _warned.add((model, tuple(unknown)))
@@ -77,4 +75,3 @@ def warn_unknown_keys(model: str, config: Any, known: frozenset[str], where: str
             where,
             names,
         )
-    return unknown

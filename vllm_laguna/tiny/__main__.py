@@ -25,6 +25,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from vllm_laguna.tiny.quantize import SCHEMES, quantize_checkpoint
+
 #: model name -> (module, spec class, builder)
 BUILDERS = {
     "laguna": ("vllm_laguna.tiny.laguna", "LagunaTiny", "build_laguna"),
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--preset", default="default", help="named spec (default: 'default')")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="override a spec field")
-    parser.add_argument("--quantize", choices=["int8", "int4"], help="routed experts quantized (Laguna only)")
+    parser.add_argument("--quantize", choices=sorted(SCHEMES), help="routed experts quantized (Laguna only)")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     args = parser.parse_args(argv)
     if args.quantize and args.model != "laguna":
@@ -66,8 +68,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.quantize is None:
         print(build(args.out_dir, spec, **overrides))
         return
-    from vllm_laguna.tiny.quantize import quantize_checkpoint
-
     out = Path(args.out_dir)
     with tempfile.TemporaryDirectory() as tmp:
         source = build(Path(tmp) / "source", spec, **overrides)
