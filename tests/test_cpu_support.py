@@ -25,6 +25,7 @@ from vllm_laguna.model_executor.cpu_support import (
 
 AVX2 = CpuKind(avx2=True, avx512=False, avx512_bf16=False, amx=False)
 AVX512 = CpuKind(avx2=True, avx512=True, avx512_bf16=False, amx=False)
+ZEN4 = CpuKind(avx2=True, avx512=True, avx512_bf16=True, amx=False)
 AMX = CpuKind(avx2=True, avx512=True, avx512_bf16=True, amx=True)
 BF16, FP32 = torch.bfloat16, torch.float32
 
@@ -63,24 +64,27 @@ def test_fp8_block_experts_need_amx_and_bf16():
     assert "use dtype='bfloat16'" in reason
 
 
-@pytest.mark.parametrize("scheme", [INT8_EXPERTS, INT4_EXPERTS])
-def test_int_experts_run_on_amx_in_bf16(scheme):
-    """vLLM's CPUExpertsInt8/CPUExpertsInt4 need AMX and compute in bf16/fp16."""
-    assert refusal(CpuRequest(dtype=BF16, experts=scheme), AMX) is None
-    assert "use dtype='bfloat16'" in refusal(CpuRequest(dtype=FP32, experts=scheme), AMX)
+@pytest.mark.parametrize("kind", [AVX2, AVX512, ZEN4, AMX], ids=["AVX2", "AVX-512", "AVX-512-BF16", "AMX"])
+@pytest.mark.parametrize("dtype", [BF16, FP32], ids=["bf16", "fp32"])
+def test_int8_experts_run_on_every_cpu_kind_and_dtype(kind, dtype):
+    """vLLM's CPUExpertsInt8 (AMX, bf16), our FusedInt8Experts (AVX-512-BF16) or our oneDNN
+    experts (AVX2, fp32) take every int8 W8A8 layer: nothing to refuse."""
+    assert refusal(CpuRequest(dtype=dtype, experts=INT8_EXPERTS), kind) is None
+    assert refusal(CpuRequest(dtype=dtype, experts=INT8_EXPERTS, router_weights_on_input=True), kind) is None
 
 
-def test_int4_experts_on_avx2_name_the_missing_kernels():
-    reason = refusal(CpuRequest(dtype=BF16, experts=INT4_EXPERTS), AVX2)
-    assert "fused_experts_cpu" in reason and "cpu_gemm_wna16" in reason and "AVX2" in reason
-    assert "ignore" in reason and "AMX CPU" in reason
+def test_int4_experts_run_where_fused_experts_cpu_is_built_in_bf16():
+    """CPUExpertsInt4 runs on AMX and AVX-512-BF16 (vLLM's _C build), in bf16/fp16 only."""
+    for kind in (ZEN4, AMX):
+        assert refusal(CpuRequest(dtype=BF16, experts=INT4_EXPERTS), kind) is None
+        assert "use dtype='bfloat16'" in refusal(CpuRequest(dtype=FP32, experts=INT4_EXPERTS), kind)
 
 
-@pytest.mark.parametrize("kind, scheme", [(AVX2, INT8_EXPERTS), (AVX512, INT8_EXPERTS), (AVX512, INT4_EXPERTS)])
-def test_int_experts_without_amx_are_not_implemented_yet(kind, scheme):
-    reason = refusal(CpuRequest(dtype=BF16, experts=scheme), kind)
-    assert scheme in reason and "not implemented yet" in reason and kind.name in reason
-    assert "ignore" in reason and "AMX CPU" in reason
+@pytest.mark.parametrize("kind", [AVX2, AVX512], ids=["AVX2", "AVX-512"])
+def test_int4_experts_without_avx512_bf16_name_the_missing_kernel_and_int8(kind):
+    reason = refusal(CpuRequest(dtype=BF16, experts=INT4_EXPERTS), kind)
+    assert "fused_experts_cpu" in reason and kind.name in reason and INT8_EXPERTS in reason
+    assert "ignore" in reason and "AVX-512-BF16 or AMX CPU" in reason
 
 
 @pytest.mark.parametrize(
@@ -93,10 +97,10 @@ def test_schemes_without_a_cpu_moe_kernel_are_refused_with_what_runs(scheme):
         assert all(s in reason for s in (INT8_EXPERTS, INT4_EXPERTS, FP8_BLOCK_EXPERTS)) and "ignore" in reason
 
 
-def test_router_weights_on_the_expert_input_refuse_every_quantized_scheme():
-    for scheme in (FP8_BLOCK_EXPERTS, INT8_EXPERTS, INT4_EXPERTS):
+def test_router_weights_on_the_expert_input_refuse_int4_and_fp8_naming_int8():
+    for scheme in (FP8_BLOCK_EXPERTS, INT4_EXPERTS):
         reason = refusal(CpuRequest(dtype=BF16, experts=scheme, router_weights_on_input=True), AMX)
-        assert "expert input" in reason and "unquantized" in reason
+        assert "expert input" in reason and "unquantized" in reason and INT8_EXPERTS in reason
 
 
 def test_the_routing_label_is_one_vllms_class_for_the_scheme_accepts():
@@ -190,4 +194,7 @@ def test_every_cpu_path_names_the_isa_it_needs():
     for path, needs in CPU_PATHS.items():
         assert missing(path, AMX) is None
         reason = missing(path, AVX2)
-        assert reason.startswith(path) and all(isa in reason for isa in needs) and "AVX2" in reason
+        if "AVX2" in needs:
+            assert reason is None, path
+        else:
+            assert reason.startswith(path) and all(isa in reason for isa in needs) and "AVX2" in reason

@@ -1,26 +1,36 @@
 """Laguna with quantized routed experts on vLLM's CPU backend.
 
-What vLLM 0.32 runs there (``model_executor/cpu_support.py`` has the sources' reasons), on AMX
-and in bf16, through its own modular expert classes, which take the ids and weights our
+What runs there (``model_executor/cpu_support.py`` and ``layers/cpu_experts.py`` have the
+sources' reasons), through modular expert classes that take the ids and weights our
 ``LagunaTopKRouter`` computes (the router reports the routing label each class accepts):
 
-* FP8 experts with 128x128 block scales: ``CPUExpertsFp8`` (weights dequantized block by
-  block to bf16 inside the kernel; ``CPUExpertsFp8W8A8`` on CPUs with AMX-FP8 also quantizes
-  the activations to FP8);
-* int8 W8A8 experts (channel weights, dynamic per-token int8 activations): ``CPUExpertsInt8``;
+* FP8 experts with 128x128 block scales, AMX only: ``CPUExpertsFp8`` (weights dequantized
+  block by block to bf16 inside the kernel; ``CPUExpertsFp8W8A8`` on CPUs with AMX-FP8 also
+  quantizes the activations to FP8);
+* int8 W8A8 experts (channel weights, dynamic per-token int8 activations): vLLM's
+  ``CPUExpertsInt8`` on AMX in bf16, our ``FusedInt8Experts`` (the same kernel) on
+  AVX-512-BF16 without AMX, our ``OneDnnInt8Experts`` on AVX2 and in fp32;
 * int4 W4A16 experts (compressed-tensors pack-quantized, symmetric, group size 128 here):
-  ``CPUExpertsInt4``, which also quantizes the activations to int8 per token
-  (``fused_experts_cpu`` with ``INT4_W4A8``).
+  ``CPUExpertsInt4`` on AVX-512-BF16 and AMX, which also quantizes the activations to int8
+  per token (``fused_experts_cpu`` with ``INT4_W4A8``); refused elsewhere.
 
 The int8 and int4 checkpoints are written by compressed-tensors' compressors
-(``vllm_laguna.tiny.quantize``). Without AMX each is refused at load, saying what to use.
+(``vllm_laguna.tiny.quantize``). Where a scheme cannot run it is refused at load, saying what
+to use.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+import avx512_emulation
 
 from harness import BF16, FP8, INT8_W8A8, low_precision_gaps, load_error, prompts_for, vllm_run
 from quantized_checkpoints import fp8_block_experts, reverse_scale_groups, roll_expert_scales, vary_expert_blocks
@@ -29,7 +39,7 @@ from vllm_laguna.tiny.laguna import build_laguna
 from vllm_laguna.tiny.quantize import quantize_checkpoint
 
 FP8_EXPERTS = "FP8 routed experts (128x128 blocks, bf16 activations)"
-INT_EXPERTS = "int8 W8A8 and int4 W4A16 routed experts (bf16 activations)"
+INT4_EXPERTS = "int4 W4A16 routed experts (bf16 activations)"
 PROMPTS = prompts_for(512, [5, 9, 12, 17, 23, 28, 33, 40, 45, 50, 64, 70], seed=5)
 
 
@@ -152,16 +162,27 @@ def _int_gaps(quantized, twin):
     return low_precision_gaps(twin, PROMPTS, results), seen
 
 
+def _expected_kernel(scheme: str, dtype: str = "bfloat16") -> str:
+    """The experts class a run picks on this CPU (``layers/cpu_experts.py``): vLLM's own on
+    AMX in bf16; without AMX but with AVX512-BF16 (vLLM's ``_C`` build), ``FusedInt8Experts``
+    (int8) and vLLM's ``CPUExpertsInt4`` picked by us; otherwise (AVX2, fp32) our oneDNN experts."""
+    kind = detect()
+    if dtype == "bfloat16" and (kind.amx or scheme == "int4"):
+        return INT_SCHEMES[scheme][0]
+    if dtype == "bfloat16" and kind.avx512_bf16:
+        return "FusedInt8Experts"
+    return "OneDnnInt8Experts"
+
+
 @pytest.mark.parametrize("scheme", sorted(INT_SCHEMES))
 def test_int_experts_close_to_twin(int_checkpoints, scheme):
-    """int8/int4 experts load into vLLM's own AMX class, routed by our router, and stay within
-    ``INT_EXPERTS_BOUNDS`` of exact arithmetic on the twin."""
-    reason = missing(INT_EXPERTS)
-    if reason:
+    """int8/int4 experts load into vLLM's own AMX class (int8 without AMX: our oneDNN experts),
+    routed by our router, and stay within ``INT_EXPERTS_BOUNDS`` of exact arithmetic on the twin."""
+    if scheme == "int4" and (reason := missing(INT4_EXPERTS)):
         pytest.skip(reason)
     quantized, twin, _ = int_checkpoints[scheme]
     gaps, seen = _int_gaps(quantized, twin)
-    assert seen["kernel"] == INT_SCHEMES[scheme][0] and seen["router"] == "LagunaTopKRouter", seen
+    assert seen["kernel"] == _expected_kernel(scheme) and seen["router"] == "LagunaTopKRouter", seen
     print(scheme, seen, gaps.assert_within(INT_EXPERTS_BOUNDS))
 
 
@@ -169,8 +190,7 @@ def test_int_experts_close_to_twin(int_checkpoints, scheme):
 def test_int_experts_planted_scale_bug_fails_the_bounds(int_checkpoints, scheme):
     """The closeness test has teeth: the planted scale bug (``INT_SCHEMES``) breaks
     ``INT_EXPERTS_BOUNDS`` against the correct twin."""
-    reason = missing(INT_EXPERTS)
-    if reason:
+    if scheme == "int4" and (reason := missing(INT4_EXPERTS)):
         pytest.skip(reason)
     _, twin, planted = int_checkpoints[scheme]
     gaps, _ = _int_gaps(planted, twin)
@@ -179,55 +199,93 @@ def test_int_experts_planted_scale_bug_fails_the_bounds(int_checkpoints, scheme)
     print(scheme, "planted:", gaps.describe())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_experts_on_onednn_close_to_twin(int_checkpoints, dtype, monkeypatch):
+    """The AVX2 int8 path (``OneDnnInt8Experts``: oneDNN int8 GEMMs over the experts a batch
+    touches), forced with ``VLLM_LAGUNA_CPU_INT8_EXPERTS=onednn`` so it runs on every x86 kind,
+    stays within ``INT_EXPERTS_BOUNDS`` of the twin in fp32 and bf16; its planted scale bug does
+    not. Measured on AMX (Sapphire Rapids class, 2 cores): fp32 prefill median 0.018 / p90
+    0.034, decode 0.020 / 0.041, agreement 95%; bf16 0.033 / 0.101, 0.036 / 0.130, 94%;
+    planted median 1.24-1.37, agreement 8-11%."""
+    monkeypatch.setenv("VLLM_LAGUNA_CPU_INT8_EXPERTS", "onednn")
+    quantized, twin, planted = int_checkpoints["int8"]
+    bounds = INT_EXPERTS_BOUNDS
+    results, seen = vllm_run(
+        quantized, PROMPTS, max_new_tokens=24, dtype=dtype, inspect=_describe_experts, prompt_logprobs=True
+    )
+    assert seen["kernel"] == "OneDnnInt8Experts" and seen["router"] == "LagunaTopKRouter", seen
+    print(dtype, seen, low_precision_gaps(twin, PROMPTS, results).assert_within(bounds))
+    results, _ = vllm_run(planted, PROMPTS, max_new_tokens=24, dtype=dtype, prompt_logprobs=True)
+    gaps = low_precision_gaps(twin, PROMPTS, results)
+    with pytest.raises(AssertionError):
+        gaps.assert_within(bounds)
+    print(dtype, "planted:", gaps.describe())
+
+
+def test_int_experts_on_avx512_bf16_without_amx(int_checkpoints, tmp_path):
+    """AVX-512-BF16 without AMX (Zen 4), emulated on an AMX CPU (``avx512_emulation``: oneDNN
+    capped at AVX512_CORE_BF16, vLLM and Inductor told there is no AMX, and the process never
+    permitted AMX instructions, so any would kill it): int8 runs on ``FusedInt8Experts`` and
+    int4 on vLLM's ``CPUExpertsInt4``, both ``fused_experts_cpu`` with vLLM's own weight
+    packing, within the bf16 bounds of the twin. On a real Zen 4 the tests above run natively."""
+    kind = detect()
+    if not kind.amx:
+        pytest.skip(f"emulates a CPU without AMX on one with AMX; this CPU is {kind.name}")
+    runs = [f"{scheme}={int_checkpoints[scheme][0]}={int_checkpoints[scheme][1]}" for scheme in ("int8", "int4")]
+    out = tmp_path / "report.json"
+    script = Path(__file__).with_name("avx512_emulation.py")
+    env = avx512_emulation.emulation_env(dict(os.environ))
+    done = subprocess.run(
+        [sys.executable, str(script), str(out), *runs], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(out.read_text())
+    print(report)
+    assert report["amx_permitted"] is False, "something asked for AMX: the run does not show a CPU without it"
+    assert report["int8"]["kernel"] == "FusedInt8Experts" and report["int4"]["kernel"] == "CPUExpertsInt4", report
+    assert report["int8"]["outside_bf16_bounds"] is None and report["int4"]["outside_bf16_bounds"] is None, report
+
+
 def test_int8_linears_and_experts_close_to_twin(wide_base, tmp_path):
-    """int8 W8A8 on every linear and the routed experts (``linears=True``): vLLM's AMX int8
-    linear kernel and CPUExpertsInt8 in one model, within the int8 linears' bounds
-    (``harness.INT8_W8A8``; measured on AMX: median 0.055, p90 0.17-0.20, agreement 90%)."""
-    reason = missing(INT_EXPERTS)
-    if reason:
-        pytest.skip(reason)
+    """int8 W8A8 on every linear and the routed experts (``linears=True``): vLLM's int8 linear
+    kernel (AMX's or oneDNN's) and the int8 experts of this CPU in one model, within the int8
+    linears' bounds (``harness.INT8_W8A8``; measured on AMX: median 0.055, p90 0.17-0.20,
+    agreement 90%)."""
     quantized, twin = quantize_checkpoint(wide_base, tmp_path / "int8", tmp_path / "twin", scheme="int8", linears=True)
     gaps, seen = _int_gaps(quantized, twin)
-    assert seen["kernel"] == "CPUExpertsInt8" and seen["linear"] == "CompressedTensorsW8A8Int8", seen
+    assert seen["kernel"] == _expected_kernel("int8") and seen["linear"] == "CompressedTensorsW8A8Int8", seen
     print(seen, gaps.assert_within(INT8_W8A8))
 
 
-def test_int8_experts_in_fp32_refused_on_amx(int_checkpoints):
-    """vLLM's AMX int8/int4 MoE kernels compute in bf16/fp16: fp32 fails at load, naming the dtype."""
-    reason = missing(INT_EXPERTS)
-    if reason:
-        pytest.skip(reason)
-    message = load_error(int_checkpoints["int8"][0], dtype="float32")
-    assert "UnsupportedOnCpu" in message and "use dtype='bfloat16'" in message, message
+def test_int8_experts_in_fp32_run_on_onednn(int_checkpoints):
+    """vLLM's AMX int8 MoE kernel computes in bf16/fp16 only; in fp32 our oneDNN experts take
+    the layer on every CPU kind (closeness: test_int8_experts_on_onednn_close_to_twin)."""
+    _, seen = vllm_run(int_checkpoints["int8"][0], PROMPTS[:2], max_new_tokens=2, inspect=_describe_experts)
+    assert seen["kernel"] == "OneDnnInt8Experts", seen
 
 
-@pytest.mark.parametrize("scheme", sorted(INT_SCHEMES))
-def test_int_experts_refused_without_amx(int_checkpoints, scheme):
-    """Without AMX: int4 on AVX2 names the kernels vLLM's AVX2 build lacks; int8 (and int4 on
-    AVX-512 without AMX) are not implemented yet. Each says what to use instead."""
+def test_int4_experts_refused_without_avx512_bf16(int_checkpoints):
+    """Without AVX512-BF16 vLLM loads a build without ``fused_experts_cpu``: int4 experts are
+    refused at load, naming the missing kernels and int8, which runs."""
     kind = detect()
-    if kind.amx:
-        pytest.skip("this CPU has AMX, so int8/int4 experts run: test_int_experts_close_to_twin")
-    message = load_error(int_checkpoints[scheme][0])
-    assert "UnsupportedOnCpu" in message and "ignore" in message and "AMX CPU" in message, message
-    if scheme == "int4" and not kind.avx512:
-        assert "fused_experts_cpu" in message and "cpu_gemm_wna16" in message, message
-    else:
-        assert "not implemented yet" in message, message
+    if kind.avx512_bf16:
+        pytest.skip(f"this CPU ({kind.name}) has AVX512-BF16, so int4 experts run: test_int_experts_close_to_twin")
+    message = load_error(int_checkpoints["int4"][0])
+    assert "UnsupportedOnCpu" in message and "ignore" in message and "fused_experts_cpu" in message, message
+    assert "int8 W8A8" in message, message
 
 
 @pytest.mark.parametrize(
     "scheme, kind",
     [
         ("int4", CpuKind(avx2=True, avx512=False, avx512_bf16=False, amx=False)),
-        ("int8", CpuKind(avx2=True, avx512=True, avx512_bf16=True, amx=False)),
+        ("int4", CpuKind(avx2=True, avx512=True, avx512_bf16=False, amx=False)),
     ],
-    ids=["int4-AVX2", "int8-AVX-512"],
+    ids=["int4-AVX2", "int4-AVX-512-without-BF16"],
 )
 def test_int_experts_refusal_reaches_the_user_on_a_made_up_cpu(int_checkpoints, scheme, kind, monkeypatch):
     """On any CPU: the engine (in this process) built with a made-up CPU kind without AMX stops
     at model construction with the refusal ``cpu_support`` words for that kind."""
     monkeypatch.setattr("vllm_laguna.model_executor.cpu_support.detect", lambda: kind)
     message = load_error(int_checkpoints[scheme][0])
-    assert "UnsupportedOnCpu" in message and kind.name in message and "AMX CPU" in message, message
-    assert ("cpu_gemm_wna16" if scheme == "int4" else "not implemented yet") in message, message
+    assert "UnsupportedOnCpu" in message and kind.name in message and "fused_experts_cpu" in message, message

@@ -51,14 +51,18 @@ def detect() -> CpuKind:
 #: What each means, from vLLM 0.32's sources (see ``model_executor/cpu_support.py``):
 #: the fp8 KV cache is refused without AVX-512/AMX (``cpu_attn._get_attn_isa``); the FP8
 #: MoE kernels (``CPUExpertsFp8``, and ``CPUExpertsFp8W8A8`` with AMX-FP8) need AMX and
-#: 128x128 blocks; the int8 W8A8 and int4 W4A16 MoE kernels (``CPUExpertsInt8``,
-#: ``CPUExpertsInt4``; compressed-tensors, int4 symmetric with group size other than 32)
-#: need AMX and bf16/fp16 activations; on AMX, int8 W8A8 linears run
-#: ``int8_scaled_mm_with_quant``, which takes bf16/fp16 activations only (elsewhere oneDNN runs them in fp32 or bf16).
+#: 128x128 blocks; int8 W8A8 experts run everywhere (``fused_experts_cpu`` in bf16/fp16 where
+#: vLLM's ``_C`` build has it, AVX512-BF16 or AMX; our oneDNN experts on AVX2 and in fp32:
+#: ``model_executor/layers/cpu_experts.py``); int4 W4A16 experts (``CPUExpertsInt4``;
+#: compressed-tensors, symmetric, group size other than 32) need ``fused_experts_cpu`` and
+#: bf16/fp16 activations; on AMX, int8 W8A8 linears run ``int8_scaled_mm_with_quant``, which
+#: takes bf16/fp16 activations only (elsewhere oneDNN runs them in fp32 or bf16).
 CPU_PATHS: dict[str, tuple[str, ...]] = {
     "fp8 KV cache (kv_cache_dtype='fp8')": ("AVX-512", "AMX"),
     "FP8 routed experts (128x128 blocks, bf16 activations)": ("AMX",),
-    "int8 W8A8 and int4 W4A16 routed experts (bf16 activations)": ("AMX",),
+    "int8 W8A8 routed experts on vLLM's fused_experts_cpu (bf16 activations)": ("AVX512-BF16", "AMX"),
+    "int8 W8A8 routed experts on oneDNN int8 GEMMs (AVX2; fp32 anywhere)": ("AVX2", "AVX-512", "AMX"),
+    "int4 W4A16 routed experts (bf16 activations)": ("AVX512-BF16", "AMX"),
     "int8 W8A8 linears on the AMX kernel (bf16/fp16 activations only)": ("AMX",),
 }
 

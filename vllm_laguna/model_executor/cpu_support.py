@@ -25,13 +25,16 @@ What the rules encode (vLLM 0.32 sources):
   (:func:`cpu_routing_method`): ``DeepSeekV3`` for FP8 (128x128 blocks only,
   ``kFp8Static128BlockSym``), ``Renormalize`` for int8 W8A8 (channel weights, dynamic
   per-token activations) and int4 W4A16 (compressed-tensors pack-quantized, symmetric; group
-  size 32 maps to ``kInt4Static32``, which the CPU class does not take). All three need AMX
-  (``_supports_current_device``) and compute in bf16/fp16 (``AT_DISPATCH_REDUCED_FLOATING_TYPES``
-  in ``fused_experts_cpu``, which only vLLM's ``_C`` build has: ``_C_AVX2`` lacks it and
-  ``cpu_gemm_wna16``). Monolithic kernels (zentorch's int4 on Zen CPUs with zentorch installed
-  and ``VLLM_CPU_INT4_W4A8=1``; it accepts ``Renormalize`` and routes by softmax itself) must
-  never take our layers: :func:`check_built_experts` refuses one once the layer is built. None
-  applies router weights to the expert input (Llama 4's scheme).
+  size 32 maps to ``kInt4Static32``, which the CPU class does not take). vLLM's three ask for
+  AMX (``_supports_current_device``); ``fused_experts_cpu`` computes in bf16/fp16
+  (``AT_DISPATCH_REDUCED_FLOATING_TYPES``) and is only in vLLM's ``_C`` build (AVX-512-BF16,
+  AMX or not; ``_C_AVX2`` also lacks ``cpu_gemm_wna16``). ``layers/cpu_experts.py`` runs int8
+  on every x86 CPU and dtype (``fused_experts_cpu`` without AMX, oneDNN int8 GEMMs on AVX2 and
+  in fp32) and int4 on AVX-512-BF16 without AMX; FP8 stays AMX only. Monolithic kernels
+  (zentorch's int4 on Zen CPUs with zentorch installed and ``VLLM_CPU_INT4_W4A8=1``; it
+  accepts ``Renormalize`` and routes by softmax itself) must never take our layers:
+  :func:`check_built_experts` refuses one once the layer is built. Router weights on the
+  expert input (Llama 4's scheme) run with int8 only (our classes).
 * the fp8 KV cache: ``cpu_attn._get_attn_isa`` needs AVX-512 or AMX.
 """
 
@@ -56,8 +59,8 @@ class UnsupportedOnCpu(ValueError):
 INT8_EXPERTS = "int8 W8A8"
 INT4_EXPERTS = "int4 W4A16 (symmetric, group size other than 32)"
 FP8_BLOCK_EXPERTS = "FP8 with 128x128 blocks"
-#: the schemes vLLM's AMX MoE kernels run with our routers' ids and weights
-AMX_EXPERTS = (INT8_EXPERTS, INT4_EXPERTS, FP8_BLOCK_EXPERTS)
+#: the schemes vLLM's CPU MoE kernels (or ours, ``layers/cpu_experts.py``) run with our routers' ids and weights
+CPU_EXPERT_SCHEMES = (INT8_EXPERTS, INT4_EXPERTS, FP8_BLOCK_EXPERTS)
 
 #: what to write in a compressed-tensors config to keep the routed experts unquantized
 IGNORE_EXPERTS = "add 're:.*\\.experts\\..*' to the quantization config's `ignore` list"
@@ -93,44 +96,39 @@ def refusal(request: CpuRequest, kind: CpuKind) -> str | None:
         )
     if request.experts is None:
         return None
+    if request.experts == INT8_EXPERTS:
+        return None  # vLLM's AMX class or ours (layers/cpu_experts.py): every x86 kind and dtype
     experts = f"routed experts quantized as {request.experts}"
     keep = f"keep the routed experts unquantized ({IGNORE_EXPERTS})"
     if request.router_weights_on_input:
         return (
             f"{experts}: this model applies router weights to the expert input, which none of "
-            f"vLLM's CPU quantized MoE kernels supports: {keep}"
+            f"vLLM's CPU int4/FP8 MoE kernels supports: quantize the experts as {INT8_EXPERTS} "
+            f"(channel weights, dynamic per-token activations) or {keep}"
         )
-    if request.experts not in AMX_EXPERTS:
+    if request.experts not in CPU_EXPERT_SCHEMES:
         return (
             f"{experts}: vLLM's CPU backend has no MoE kernel for that scheme: quantize the "
-            f"experts as {INT8_EXPERTS} (channel weights, dynamic per-token activations), "
-            f"{INT4_EXPERTS} (compressed-tensors pack-quantized) or {FP8_BLOCK_EXPERTS} (weights "
-            f"strategy 'block', block_structure [128, 128]), all on AMX, or {keep}"
+            f"experts as {INT8_EXPERTS} (channel weights, dynamic per-token activations; every "
+            f"x86 CPU), {INT4_EXPERTS} (compressed-tensors pack-quantized; AVX-512-BF16 or AMX) "
+            f"or {FP8_BLOCK_EXPERTS} (weights strategy 'block', block_structure [128, 128]; AMX), "
+            f"or {keep}"
         )
-    if not kind.amx:
-        return f"{experts}: {_missing_expert_kernel(request.experts, kind)}: {keep}, or run on an AMX CPU"
+    if request.experts == FP8_BLOCK_EXPERTS and not kind.amx:
+        return f"{experts}: vLLM's CPU FP8 MoE kernels need AMX (this CPU is {kind.name}): {keep}, or run on an AMX CPU"
+    if request.experts == INT4_EXPERTS and not kind.avx512_bf16:
+        return (
+            f"{experts}: this CPU is {kind.name} without AVX512-BF16, where vLLM loads a kernel "
+            f"build without fused_experts_cpu (no int4 MoE kernel; _C_AVX2 also lacks "
+            f"cpu_gemm_wna16): quantize the experts as {INT8_EXPERTS}, which runs on every x86 "
+            f"CPU, or {keep}, or run on an AVX-512-BF16 or AMX CPU"
+        )
     if not low_precision:
         return (
-            f"{experts}: vLLM's AMX MoE kernels take bfloat16 or float16 activations, not "
-            f"{request.dtype}: use dtype='bfloat16'"
+            f"{experts}: vLLM's CPU int4/FP8 MoE kernels take bfloat16 or float16 activations, "
+            f"not {request.dtype}: use dtype='bfloat16'"
         )
     return None
-
-
-def _missing_expert_kernel(scheme: str, kind: CpuKind) -> str:
-    """Why experts quantized as ``scheme`` (one of :data:`AMX_EXPERTS`) do not run on a CPU
-    of ``kind`` without AMX."""
-    if scheme == FP8_BLOCK_EXPERTS:
-        return f"vLLM's CPU FP8 MoE kernels need AMX (this CPU is {kind.name})"
-    if scheme == INT4_EXPERTS and not kind.avx512:
-        return (
-            f"this CPU is {kind.name}, where vLLM loads its _C_AVX2 build, which has neither "
-            f"fused_experts_cpu nor cpu_gemm_wna16 (no int4 MoE or int4 GEMM kernel)"
-        )
-    return (
-        f"vLLM runs these experts with its AMX class only, and running them on a {kind.name} "
-        f"CPU (this one) is not implemented yet"
-    )
 
 
 def cpu_routing_method(scheme: str | None) -> RoutingMethodType:
@@ -248,7 +246,7 @@ def check_built_experts(runner: torch.nn.Module, prefix: str) -> None:
         raise UnsupportedOnCpu(
             f"vLLM picked {kernel} for {prefix}, a MoE kernel that routes by softmax itself, "
             f"which is not this model's routing: set VLLM_CPU_INT4_W4A8=0 (vLLM then runs int4 "
-            f"experts with CPUExpertsInt4, on AMX) or {IGNORE_EXPERTS}"
+            f"experts with CPUExpertsInt4, on AVX-512-BF16 and AMX) or {IGNORE_EXPERTS}"
         )
 
 

@@ -19,11 +19,15 @@ checkpoints (compressed-tensors, FP8), which transformers cannot read.
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from vllm_laguna.tiny.tokenizer import build_tokenizer
 from vllm_laguna.tiny.weights import RandomWeights, save_checkpoint
@@ -287,3 +291,35 @@ def build_llama4(out_dir: str | Path, spec: Llama4Tiny | None = None, **options:
     save_checkpoint(out, spec.config(), spec.state_dict(), generation={"eos_token_id": 2})
     build_tokenizer(out, vocab_size=min(spec.vocab_size, 512))
     return out
+
+
+#: one per-expert weight: ``{prefix}.{e}.{gate,up,down}_proj.weight``
+PER_EXPERT_WEIGHT = re.compile(r"^(?P<prefix>.*\.feed_forward\.experts)\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
+
+
+def fuse_experts(ckpt: str | Path) -> None:
+    """Rewrite a checkpoint's per-expert tensors (``expert_layout="per-expert"``) as the fused
+    ``gate_up_proj`` [E, H, 2I] and ``down_proj`` [E, I, H] transformers reads; other tensors
+    and files stay as they are."""
+    ckpt = Path(ckpt)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        tensors.update(load_file(ckpt / shard))
+    experts: dict[str, dict[tuple[int, str], torch.Tensor]] = defaultdict(dict)
+    fused = {}
+    for name, tensor in tensors.items():
+        if match := PER_EXPERT_WEIGHT.match(name):
+            experts[match["prefix"]][int(match["expert"]), match["proj"]] = tensor
+        else:
+            fused[name] = tensor
+    for prefix, parts in experts.items():
+        count = 1 + max(expert for expert, _ in parts)
+        fused[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([parts[e, "gate"].T, parts[e, "up"].T], dim=1) for e in range(count)]
+        )
+        fused[f"{prefix}.down_proj"] = torch.stack([parts[e, "down"].T for e in range(count)])
+    for shard in shards:
+        (ckpt / shard).unlink()
+    save_checkpoint(ckpt, json.loads((ckpt / "config.json").read_text()), fused)

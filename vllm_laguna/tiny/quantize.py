@@ -1,7 +1,8 @@
-"""Quantized copies of a tiny Laguna checkpoint, written by compressed-tensors' own code.
+"""Quantized copies of a tiny Laguna or Llama 4 checkpoint, written by compressed-tensors' own code.
 
 :func:`quantize_checkpoint` takes a full-precision checkpoint in the Hub layout (one tensor
-per expert) and writes two checkpoints:
+per expert: Laguna's ``layout="hub"``, Llama 4's ``expert_layout="per-expert"``) and writes
+two checkpoints:
 
 * the quantized one, as llm-compressor would save it: each selected ``*_proj.weight`` of
   shape ``[out, in]`` replaced by what compressed-tensors 0.17's compressor for the scheme's
@@ -12,7 +13,8 @@ per expert) and writes two checkpoints:
   ``ModelCompressor.update_config`` from the preset scheme (``W8A8``, ``W4A16``);
 * its dequantized twin: the same tensors with each selected weight replaced by the
   compressor's own ``decompress`` of the stored values, in fp32, every other float tensor
-  cast to fp32, and no ``quantization_config``. A run of the quantized checkpoint compared
+  cast to fp32, and no ``quantization_config`` (Llama 4's experts fused again, the only
+  layout transformers reads). A run of the quantized checkpoint compared
   with exact arithmetic on the twin measures the kernels, not the rounding of the weights.
 
 Scales are min-max (``calculate_qparams``, compressed-tensors' symmetric rule
@@ -37,13 +39,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-#: the per-expert weights of the routed experts (Hub names)
-EXPERT_WEIGHT = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
+#: the per-expert weights of the routed experts (Hub names: Laguna's ``mlp.experts.{e}``,
+#: Llama 4's ``feed_forward.experts.{e}``)
+EXPERT_WEIGHT = re.compile(r"\.(mlp|feed_forward)\.experts\.\d+\.(gate|up|down)_proj\.weight$")
 #: compressed-tensors target for the routed experts (vLLM matches it against
-#: ``...experts.0.gate_proj`` and the other unfused names)
-EXPERTS_TARGET = "re:.*mlp\\.experts\\..*"
+#: ``...experts.0.gate_proj`` and the other unfused names; ``shared_expert(s)`` stay out)
+EXPERTS_TARGET = "re:.*\\.experts\\..*"
 #: modules kept full precision when every Linear is targeted: the LM head and the router
-LINEARS_IGNORE = ["lm_head", "re:.*mlp\\.gate$"]
+#: (Laguna's ``mlp.gate``, Llama 4's ``feed_forward.router``)
+LINEARS_IGNORE = ["lm_head", "re:.*mlp\\.gate$", "re:.*feed_forward\\.router$"]
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,10 @@ def quantize_checkpoint(
     )
     ModelCompressor(quantization_config=config).update_config(str(quantized))
     _set_dtype(twin, "float32")
+    if json.loads((twin / "config.json").read_text()).get("model_type") == "llama4_text":
+        from vllm_laguna.tiny.llama4 import fuse_experts
+
+        fuse_experts(twin)  # transformers reads Llama 4's experts fused only
     return quantized, twin
 
 

@@ -42,6 +42,7 @@ from vllm.model_executor.layers.fused_moe import FusedMoEFactory, MoERunner
 from vllm.platforms import current_platform
 
 from vllm_laguna.model_executor.cpu_support import check_built_experts, check_experts
+from vllm_laguna.model_executor.layers.cpu_experts import cpu_experts_fallback
 
 if TYPE_CHECKING:
     from vllm.lora.model_manager import LoRAModelManager
@@ -157,11 +158,12 @@ def fused_experts(placement: ExpertPlacement, prefix: str, **factory_kwargs) -> 
         num_redundant_experts=placement.num_redundant,
         prefix=prefix,
     )
-    if vllm_config.lora_config is not None and not experts_take_lora(vllm_config, prefix):
-        with _without_lora(vllm_config):
+    with cpu_experts_fallback(build.get("apply_router_weight_on_input", False)):
+        if vllm_config.lora_config is not None and not experts_take_lora(vllm_config, prefix):
+            with _without_lora(vllm_config):
+                runner = FusedMoEFactory(**build)
+        else:
             runner = FusedMoEFactory(**build)
-    else:
-        runner = FusedMoEFactory(**build)
     check_built_experts(runner, prefix)
     return runner
 
