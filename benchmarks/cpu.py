@@ -5,6 +5,8 @@
     python benchmarks/cpu.py llama4     # plugin vs vLLM in-tree
     python benchmarks/cpu.py laguna --batches 32 --output-len 64 \\
         --llama-cpp /tmp/llama.cpp/build/bin --gguf /tmp/xs2s-bf16.gguf    # + llama.cpp column
+    python benchmarks/cpu.py laguna --quant int8 int4 --batches 1 32 --output-len 64 \\
+        --llama-cpp DIR --gguf xs2s-q8_0.gguf xs2s-q4_0.gguf   # bf16 / int8 / int4 experts, llama.cpp Q8_0 / Q4_0
 
 Each side runs in its own process (vLLM in-tree needs ``VLLM_PLUGINS=""`` at start-up), the
 sides interleaved A B A B for ``--runs`` rounds; each process loads the model once, warms up
@@ -18,16 +20,27 @@ transformers gets ``torch.set_num_threads``, llama.cpp ``-t``. vLLM runs in its 
 layout (front end, engine core, worker) unless ``--in-process-engine`` puts it in one process; on a
 small machine the layout alone changes batch-1 decode by 1.4-2.2x (``benchmarks/README.md``).
 
+``--quant int8 int4`` (Laguna) adds a plugin side per scheme, ``plugin-int8`` / ``plugin-int4``:
+the benchmark checkpoint's routed experts quantized by compressed-tensors' compressors
+(:mod:`vllm_laguna.tiny.quantize`, int4 groups of ``--group-size``), run by the same plugin in
+bf16; ``int8+linears`` / ``int4+linears`` quantize the attention, dense and shared-expert
+linears too (as llama.cpp's Q8_0 / Q4_0 do; the LM head stays bf16 here). Each side's weight bytes (file tensors) and the weight bytes a decode step reads are
+printed: every tensor but the embedding table, the routed experts counted for the experts a
+step touches with uniform routing (``1 - (1 - k/E)^B`` of them per layer at batch ``B``);
+llama.cpp's from its GGUF's tensor table (``gguf`` from llama.cpp's ``gguf-py`` on
+``PYTHONPATH``; file size otherwise).
+
 Tokens are checked in the same invocation, so a fast wrong model cannot win:
 
 * **fp32 exact**: each vLLM side, in fp32, decodes the first ``--check-requests`` prompts
   for ``--check-tokens`` tokens; the plugin's tokens must equal transformers' fp32 greedy
   tokens (in-tree models are reported, not required: vLLM's LFM2 is known to differ).
 * **bf16 agreement**: the benchmarked (bf16) tokens of those prompts are scored by
-  transformers in fp32 along the side's own sequence: the share of steps whose token is
-  the reference's argmax and the share inside its top 5. The transformers bf16 side, when
-  it runs, is the calibration (bf16 rounding alone). The plugin must stay within 5 points
-  of it (or above 90% top-5 without it).
+  transformers in fp32 along the side's own sequence (a quantized side: on its dequantized
+  twin, so the score measures the kernels, not the rounding of the weights): the share of
+  steps whose token is the reference's argmax and the share inside its top 5. The
+  transformers bf16 side, when it runs, is the calibration (bf16 rounding alone). Every
+  plugin side must stay within 5 points of it (or above 90% top-5 without it).
 """
 
 from __future__ import annotations
@@ -192,14 +205,20 @@ def worker_main(args) -> None:
 # ----------------------------------------------------------------------------- llama.cpp
 
 
-def run_llama_cpp(args) -> dict:
-    """``llama-batched-bench`` over the same shapes: TTFT = prompt processing of the batch,
-    decode = its S_TG, end to end = B * out / T. Its tokens are not checked (the tool does
-    not print them)."""
+def llama_cpp_side(gguf: str) -> str:
+    """A llama.cpp side's name: ``llama.cpp`` and the GGUF's file name stem."""
+    return f"llama.cpp {Path(gguf).stem}"
+
+
+def run_llama_cpp(args, gguf: str) -> dict:
+    """``llama-batched-bench`` on ``gguf`` over the same shapes: TTFT = prompt processing of
+    the batch, decode = its S_TG, end to end = B * out / T. Its tokens are not checked (the
+    tool does not print them)."""
     cmd = [
-        str(Path(args.llama_cpp) / "llama-batched-bench"), "-m", args.gguf, "-t", str(args.threads),
+        str(Path(args.llama_cpp) / "llama-batched-bench"), "-m", gguf, "-t", str(args.threads),
         "-c", str(max(args.batches) * (args.input_len + args.output_len) + 64), "-b", "2048", "-ub", "512",
         "-npp", str(args.input_len), "-ntg", str(args.output_len), "-npl", ",".join(map(str, args.batches)),
+        *args.llama_cpp_args.split(),
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     text = proc.stdout.read()
@@ -239,6 +258,82 @@ def build_checkpoint(args) -> str:
         module = importlib.import_module(module_name)
         getattr(module, builder_name)(out, getattr(module, spec_name).preset(preset), **overrides)
     return str(out)
+
+
+def side_checkpoints(args) -> dict[str, tuple[str, str]]:
+    """vLLM side -> (checkpoint it runs, checkpoint transformers scores its tokens on):
+    the benchmark checkpoint, and per ``--quant`` scheme its routed experts quantized
+    (written once into the cache, with the dequantized twin as the reference)."""
+    from vllm_laguna.tiny.quantize import quantize_checkpoint
+
+    sides = {side: (args.checkpoint, args.checkpoint) for side in VLLM_SIDES}
+    for name in args.quant:
+        scheme, _, linears = name.partition("+")
+        suffix = f"{scheme}-g{args.group_size}" if scheme == "int4" else scheme
+        out = Path(f"{args.checkpoint}-{suffix}{'-all' if linears else ''}")
+        twin = out.with_name(f"{out.name}-dequantized")
+        if not (out / "config.json").exists() or not (twin / "config.json").exists():
+            quantize_checkpoint(args.checkpoint, out, twin, scheme=scheme, group_size=args.group_size, linears=bool(linears))
+        sides[f"plugin-{name}"] = (str(out), str(twin))
+    return sides
+
+
+# ----------------------------------------------------------------------------- weight bytes
+
+
+def expected_experts_touched(batch: int, top_k: int, num_experts: int) -> float:
+    """Expected share of a layer's experts that ``batch`` tokens route to, routing uniform."""
+    return 1 - (1 - top_k / num_experts) ** batch
+
+
+def safetensors_weight_bytes(model_dir: str) -> dict[str, float]:
+    """Bytes of a checkpoint's tensors: ``experts`` (routed experts, scales included),
+    ``embedding`` (the input table) and ``other``, with its ``top_k`` and ``num_experts``."""
+    from safetensors import safe_open
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    groups = {"experts": 0, "embedding": 0, "other": 0}
+    for shard in Path(model_dir).glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                size = _numel(piece.get_shape()) * _DTYPE_BYTES[piece.get_dtype()]
+                group = "experts" if ".experts." in name else "embedding" if "embed_tokens" in name else "other"
+                groups[group] += size
+    return groups | {"top_k": config["num_experts_per_tok"], "num_experts": config["num_experts"]}
+
+
+def gguf_weight_bytes(path: str) -> dict[str, float] | None:
+    """The same groups for a GGUF (llama.cpp's ``*_exps`` tensors are the routed experts),
+    read with llama.cpp's ``gguf`` package; None if it is not importable."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    reader = GGUFReader(path)
+    groups = {"experts": 0, "embedding": 0, "other": 0}
+    for tensor in reader.tensors:
+        group = "experts" if "_exps" in tensor.name else "embedding" if tensor.name == "token_embd.weight" else "other"
+        groups[group] += int(tensor.n_bytes)
+    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+    count = {key: int(reader.fields[f"{arch}.{key}"].parts[-1][0]) for key in ("expert_count", "expert_used_count")}
+    return groups | {"top_k": count["expert_used_count"], "num_experts": count["expert_count"]}
+
+
+def step_bytes(weights: dict[str, float], batch: int) -> float:
+    """Weight bytes one decode step of ``batch`` tokens reads (embedding rows neglected)."""
+    touched = expected_experts_touched(batch, weights["top_k"], weights["num_experts"])
+    return weights["other"] + touched * weights["experts"]
+
+
+_DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "I8": 1, "U8": 1, "F8_E4M3": 1}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
 
 
 def make_prompts(model_dir: str, count: int, input_len: int) -> list[list[int]]:
@@ -289,7 +384,8 @@ def _root_error(log: Path) -> str:
 def spawn(args, side: str, dtype: str, prompts_file: Path, out_file: Path) -> dict:
     cmd = [
         sys.executable, __file__, args.model, "--worker", "transformers" if side == "transformers" else "vllm",
-        "--worker-dtype", dtype, "--model-dir", args.checkpoint, "--prompts", str(prompts_file),
+        "--worker-dtype", dtype, "--model-dir", args.side_checkpoints.get(side, (args.checkpoint,))[0],
+        "--prompts", str(prompts_file),
         "--worker-out", str(out_file), "--input-len", str(args.input_len), "--output-len", str(args.output_len),
         "--batches", *map(str, args.batches), "--threads", str(args.threads),
         "--check-requests", str(args.check_requests), "--check-tokens", str(args.check_tokens),
@@ -305,36 +401,49 @@ def spawn(args, side: str, dtype: str, prompts_file: Path, out_file: Path) -> di
 
 def reference_check(args, prompts: list[list[int]], runs: dict[str, list[dict]], exact: dict[str, list]) -> dict:
     """transformers fp32: greedy tokens for the exactness check, and teacher-forced scores of
-    every side's benchmarked tokens (argmax / top-5 agreement)."""
+    every side's benchmarked tokens (argmax / top-5 agreement), each on its reference
+    checkpoint (:func:`side_checkpoints`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
     n = args.check_requests
-    with torch.no_grad():
-        ids = torch.tensor(prompts[:n])
-        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.check_tokens,
-                             do_sample=False, pad_token_id=0)[:, ids.shape[1]:].tolist()  # fmt: skip
-    report = {}
-    for side, side_runs in runs.items():
-        first, top5, total, stable = 0, 0, 0, True
-        for batch in map(str, args.batches):
-            seqs = side_runs[0][batch]["tokens"]
-            stable &= all(r[batch]["tokens"] == seqs for r in side_runs)
-            for prompt, generated in zip(prompts, seqs):
-                with torch.no_grad():
-                    logits = model(torch.tensor([prompt + generated])).logits[0, len(prompt) - 1 : -1]
-                chosen = torch.tensor(generated)
-                first += int((logits.argmax(-1) == chosen).sum())
-                top5 += int((logits.topk(5, dim=-1).indices == chosen[:, None]).any(-1).sum())
-                total += len(generated)
-        report[side] = {"argmax_pct": 100 * first / total, "top5_pct": 100 * top5 / total, "same_tokens_every_run": stable}
-        if side in exact:
-            same = sum(a == b for a, b in zip(exact[side], ref))
-            report[side]["fp32_exact"] = f"{same}/{len(ref)}"
+    by_reference: dict[str, list[str]] = {}
+    for side in runs:
+        by_reference.setdefault(args.side_checkpoints.get(side, (None, args.checkpoint))[1], []).append(side)
+    report, ref = {}, None
+    for reference, sides in by_reference.items():
+        model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
+        model.generation_config.eos_token_id = None
+        if reference == args.checkpoint:
+            with torch.no_grad():
+                ids = torch.tensor(prompts[:n])
+                ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.check_tokens,
+                                     do_sample=False, pad_token_id=0)[:, ids.shape[1]:].tolist()  # fmt: skip
+        for side in sides:
+            report[side] = _agreement(args, model, prompts, runs[side])
+            if side in exact:
+                same = sum(a == b for a, b in zip(exact[side], ref))
+                report[side]["fp32_exact"] = f"{same}/{len(ref)}"
+        del model
     return report
+
+
+def _agreement(args, model, prompts: list[list[int]], side_runs: list[dict]) -> dict:
+    import torch
+
+    first, top5, total, stable = 0, 0, 0, True
+    for batch in map(str, args.batches):
+        seqs = side_runs[0][batch]["tokens"]
+        stable &= all(r[batch]["tokens"] == seqs for r in side_runs)
+        for prompt, generated in zip(prompts, seqs):
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + generated])).logits[0, len(prompt) - 1 : -1]
+            chosen = torch.tensor(generated)
+            first += int((logits.argmax(-1) == chosen).sum())
+            top5 += int((logits.topk(5, dim=-1).indices == chosen[:, None]).any(-1).sum())
+            total += len(generated)
+    return {"argmax_pct": 100 * first / total, "top5_pct": 100 * top5 / total, "same_tokens_every_run": stable}
 
 
 def environment(args) -> dict:
@@ -359,12 +468,13 @@ def environment(args) -> dict:
     }  # fmt: skip
 
 
-def print_table(args, medians: dict, report: dict, env: dict) -> None:
+def print_table(args, medians: dict, report: dict, env: dict, weights: dict[str, dict | None]) -> None:
     print(f"\n{args.model} ({args.checkpoint}), bf16, {args.input_len} prompt + {args.output_len} output tokens, "
           f"median of {args.runs} interleaved runs")  # fmt: skip
     print("env: " + ", ".join(f"{k} {v}" for k, v in env.items()))
-    print("| side | batch | decode tok/s | TTFT ms | end-to-end out tok/s | peak RSS GiB | plugin decode x | plugin e2e x |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| side | batch | decode tok/s | TTFT ms | end-to-end out tok/s | peak RSS GiB | weights MB | "
+          "weight MB read / decode step | plugin decode x | plugin e2e x |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for batch in map(str, args.batches):
         base = medians["plugin"].get(batch)
         for side, per_batch in medians.items():
@@ -373,8 +483,11 @@ def print_table(args, medians: dict, report: dict, env: dict) -> None:
                 continue
             ratio_dec = base["decode_tok_s"] / m["decode_tok_s"] if side != "plugin" else 1.0
             ratio_e2e = base["e2e_tok_s"] / m["e2e_tok_s"] if side != "plugin" else 1.0
+            w = weights.get(side)
+            total = f"{sum(w[g] for g in ('experts', 'embedding', 'other')) / 1e6:.1f}" if w else "n/a"
+            read = f"{step_bytes(w, int(batch)) / 1e6:.1f}" if w else "n/a"
             print(f"| {side} | {batch} | {m['decode_tok_s']:.1f} | {m['ttft_ms']:.0f} | {m['e2e_tok_s']:.1f} | "
-                  f"{m['peak_rss_gib']:.2f} | {ratio_dec:.2f} | {ratio_e2e:.2f} |")  # fmt: skip
+                  f"{m['peak_rss_gib']:.2f} | {total} | {read} | {ratio_dec:.2f} | {ratio_e2e:.2f} |")  # fmt: skip
     print("\ntoken checks (bf16 tokens scored by transformers fp32, first "
           f"{args.check_requests} requests of every batch):")  # fmt: skip
     for side, r in report.items():
@@ -384,13 +497,14 @@ def print_table(args, medians: dict, report: dict, env: dict) -> None:
 
 
 def verdict(report: dict) -> list[str]:
-    plugin = report["plugin"]
     problems = []
+    plugin = report["plugin"]
     if plugin.get("fp32_exact") and plugin["fp32_exact"].split("/")[0] != plugin["fp32_exact"].split("/")[1]:
         problems.append(f"plugin fp32 tokens differ from transformers ({plugin['fp32_exact']})")
     floor = report["transformers"]["top5_pct"] - 5 if "transformers" in report else 90.0
-    if plugin["top5_pct"] < floor:
-        problems.append(f"plugin bf16 tokens in the reference top-5 {plugin['top5_pct']:.1f}% < {floor:.1f}%")
+    for side, checks in report.items():
+        if side.startswith("plugin") and checks["top5_pct"] < floor:
+            problems.append(f"{side} bf16 tokens in the reference top-5 {checks['top5_pct']:.1f}% < {floor:.1f}%")
     return problems
 
 
@@ -420,8 +534,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vllm-args", default="{}", help="extra LLM(...) keyword arguments as JSON")
     parser.add_argument("--check-requests", type=int, default=4)
     parser.add_argument("--check-tokens", type=int, default=32)
-    parser.add_argument("--llama-cpp", help="directory holding llama-batched-bench (adds a llama.cpp column)")
-    parser.add_argument("--gguf", help="the checkpoint converted by llama.cpp's convert_hf_to_gguf.py")
+    parser.add_argument(
+        "--quant", nargs="+", default=[], choices=("int8", "int4", "int8+linears", "int4+linears"),
+        help="laguna: add a plugin side per scheme on the checkpoint's routed experts (+linears: and every other "
+        "linear but the router, LM head and, for int4, the per-head gate) quantized",
+    )  # fmt: skip
+    parser.add_argument("--group-size", type=int, default=128, help="--quant int4's group size")
+    parser.add_argument("--llama-cpp", help="directory holding llama-batched-bench (adds llama.cpp sides)")
+    parser.add_argument("--llama-cpp-args", default="", help="extra llama-batched-bench arguments, e.g. '-nr'")
+    parser.add_argument(
+        "--gguf", nargs="+", default=[], help="the checkpoint converted by llama.cpp (convert_hf_to_gguf.py, "
+        "llama-quantize): one llama.cpp side per file"
+    )  # fmt: skip
     parser.add_argument("--json", help="write all runs, medians and checks here")
     # worker-only options
     parser.add_argument("--worker", choices=("vllm", "transformers"), help=argparse.SUPPRESS)
@@ -435,9 +559,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.llama_cpp and not args.gguf:
         parser.error("--llama-cpp needs --gguf")
+    if args.quant and args.model != "laguna":
+        parser.error("--quant: laguna only")
 
     args.checkpoint = build_checkpoint(args)
-    sides = list(dict.fromkeys(["plugin", *(args.sides or SIDES_BY_MODEL[args.model])]))
+    args.side_checkpoints = side_checkpoints(args)
+    sides = list(dict.fromkeys(["plugin", *(f"plugin-{q}" for q in args.quant), *(args.sides or SIDES_BY_MODEL[args.model])]))
     work = Path(args.cache_dir) / "runs"
     work.mkdir(parents=True, exist_ok=True)
     prompts = make_prompts(args.checkpoint, max(args.batches), args.input_len)
@@ -446,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     failed: dict[str, str] = {}  # comparison sides that could not run the checkpoint, and why
-    llama_runs: list[dict] = []
+    llama_runs: dict[str, list[dict]] = {llama_cpp_side(gguf): [] for gguf in args.gguf} if args.llama_cpp else {}
     for round_ in range(args.runs):
         for side in [side for side in sides if side not in failed]:
             print(f"run {round_ + 1}/{args.runs}: {side}", flush=True)
@@ -460,9 +587,9 @@ def main(argv: list[str] | None = None) -> int:
                 failed[side] = str(err)
                 del runs[side]
                 print(f"dropped: {err}", flush=True)
-        if args.llama_cpp:
-            print(f"run {round_ + 1}/{args.runs}: llama.cpp", flush=True)
-            llama_runs.append(run_llama_cpp(args))
+        for gguf in args.gguf if args.llama_cpp else []:
+            print(f"run {round_ + 1}/{args.runs}: {llama_cpp_side(gguf)}", flush=True)
+            llama_runs[llama_cpp_side(gguf)].append(run_llama_cpp(args, gguf))
     exact = {}
     for side in runs:
         if side in VLLM_SIDES:
@@ -470,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
             exact[side] = spawn(args, side, "float32", prompts_file, work / f"{side}-fp32.json")["check_tokens"]
     report = reference_check(args, prompts, runs, exact)
 
-    all_runs = dict(runs) | ({"llama.cpp": llama_runs} if llama_runs else {})
+    all_runs = dict(runs) | llama_runs
     medians = {
         side: {
             batch: {k: statistics.median(r[batch][k] for r in side_runs) for k in ("decode_tok_s", "ttft_ms", "e2e_tok_s", "peak_rss_gib")}
@@ -480,14 +607,17 @@ def main(argv: list[str] | None = None) -> int:
         for side, side_runs in all_runs.items()
     }  # fmt: skip
     env = environment(args)
-    print_table(args, medians, report, env)
+    weights = {side: safetensors_weight_bytes(args.side_checkpoints[side][0]) for side in runs if side.startswith("plugin")}
+    weights |= {llama_cpp_side(gguf): gguf_weight_bytes(gguf) for gguf in args.gguf if args.llama_cpp}
+    print_table(args, medians, report, env, weights)
     for side, reason in failed.items():
         print(f"NOT RUN: {reason}")
     problems = verdict(report)
     for problem in problems:
         print(f"WRONG: {problem}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"env": env, "runs": all_runs, "medians": medians, "checks": report, "failed": failed}, indent=1))
+        Path(args.json).write_text(json.dumps({"env": env, "runs": all_runs, "medians": medians, "checks": report,
+                                               "failed": failed, "weights": weights}, indent=1))  # fmt: skip
     return 1 if problems else 0
 
 

@@ -198,3 +198,11 @@ def test_every_cpu_path_names_the_isa_it_needs():
             assert reason is None, path
         else:
             assert reason.startswith(path) and all(isa in reason for isa in needs) and "AVX2" in reason
+
+
+def test_int4_linears_need_an_avx512_build():
+    request = CpuRequest(dtype=BF16, int4_linears=True)
+    for kind in (AVX512, ZEN4, AMX):
+        assert refusal(request, kind) is None
+    reason = refusal(request, AVX2)
+    assert "cpu_gemm_wna16" in reason and "AVX2" in reason and "int8 W8A8" in reason

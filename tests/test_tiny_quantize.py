@@ -95,3 +95,24 @@ def test_a_group_size_that_does_not_divide_the_width_is_refused(tmp_path):
     base = build_laguna(tmp_path / "base")  # 32-wide experts
     with pytest.raises(ValueError, match="group size 128 does not divide (32|64) input columns"):
         quantize_checkpoint(base, tmp_path / "q", tmp_path / "t", scheme="int4")
+
+
+def test_llama4_twin_fuses_the_dequantized_experts(tmp_path, capsys):
+    """Llama 4 through the CLI: per-expert int8 experts in the quantized checkpoint; in the twin
+    the dequantized experts fused as transformers reads them (``x @ gate_up`` gives gate then
+    up), equal to the compressor's own decompression of the stored values."""
+    out = tmp_path / "int8"
+    main(["llama4", str(out), "--quantize", "int8"])
+    stored, twin = _tensors(out), _tensors(tmp_path / "int8-dequantized")
+    prefix = "model.layers.1.feed_forward.experts"
+    assert f"{prefix}.3.gate_proj.weight" in stored and f"{prefix}.gate_up_proj" not in stored
+    assert not any(".experts.3." in name for name in twin)
+
+    def dequantized(proj: str) -> torch.Tensor:
+        return stored[f"{prefix}.3.{proj}.weight"].float() * stored[f"{prefix}.3.{proj}.weight_scale"].float()
+
+    inner = dequantized("gate_proj").shape[0]
+    assert torch.equal(twin[f"{prefix}.gate_up_proj"][3, :, :inner], dequantized("gate_proj").T)
+    assert torch.equal(twin[f"{prefix}.gate_up_proj"][3, :, inner:], dequantized("up_proj").T)
+    assert torch.equal(twin[f"{prefix}.down_proj"][3], dequantized("down_proj").T)
+    assert torch.equal(twin["model.layers.1.feed_forward.router.weight"], stored["model.layers.1.feed_forward.router.weight"].float())

@@ -55,7 +55,8 @@ def detect() -> CpuKind:
 #: vLLM's ``_C`` build has it, AVX512-BF16 or AMX; our oneDNN experts on AVX2 and in fp32:
 #: ``model_executor/layers/cpu_experts.py``); int4 W4A16 experts (``CPUExpertsInt4``;
 #: compressed-tensors, symmetric, group size other than 32) need ``fused_experts_cpu`` and
-#: bf16/fp16 activations; on AMX, int8 W8A8 linears run ``int8_scaled_mm_with_quant``, which
+#: bf16/fp16 activations; int4 W4A16 linears run ``cpu_gemm_wna16`` (not in ``_C_AVX2``);
+#: on AMX, int8 W8A8 linears run ``int8_scaled_mm_with_quant``, which
 #: takes bf16/fp16 activations only (elsewhere oneDNN runs them in fp32 or bf16).
 CPU_PATHS: dict[str, tuple[str, ...]] = {
     "fp8 KV cache (kv_cache_dtype='fp8')": ("AVX-512", "AMX"),
@@ -63,6 +64,7 @@ CPU_PATHS: dict[str, tuple[str, ...]] = {
     "int8 W8A8 routed experts on vLLM's fused_experts_cpu (bf16 activations)": ("AVX512-BF16", "AMX"),
     "int8 W8A8 routed experts on oneDNN int8 GEMMs (AVX2; fp32 anywhere)": ("AVX2", "AVX-512", "AMX"),
     "int4 W4A16 routed experts (bf16 activations)": ("AVX512-BF16", "AMX"),
+    "int4 W4A16 linears (cpu_gemm_wna16)": ("AVX-512", "AMX"),
     "int8 W8A8 linears on the AMX kernel (bf16/fp16 activations only)": ("AMX",),
 }
 

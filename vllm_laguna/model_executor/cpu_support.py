@@ -35,6 +35,8 @@ What the rules encode (vLLM 0.32 sources):
   accepts ``Renormalize`` and routes by softmax itself) must never take our layers:
   :func:`check_built_experts` refuses one once the layer is built. Router weights on the
   expert input (Llama 4's scheme) run with int8 only (our classes).
+* int4 W4A16 linears: ``CPUWNA16LinearKernel`` runs ``cpu_gemm_wna16`` (``_C`` and
+  ``_C_AVX512``, not ``_C_AVX2``), output and input widths in multiples of 32.
 * the fp8 KV cache: ``cpu_attn._get_attn_isa`` needs AVX-512 or AMX.
 """
 
@@ -74,6 +76,8 @@ class CpuRequest:
     kv_cache_dtype: str = "auto"
     #: int8 W8A8 linears that vLLM runs with its AMX kernel where the CPU has AMX
     amx_int8_linears: bool = False
+    #: int4 weight-only linears (vLLM's ``CPUWNA16LinearKernel``: ``cpu_gemm_wna16``)
+    int4_linears: bool = False
     #: the routed experts' quantization (:func:`expert_scheme`), None when unquantized
     experts: str | None = None
     #: router weights scale the expert input (Llama 4) rather than its output
@@ -93,6 +97,12 @@ def refusal(request: CpuRequest, kind: CpuKind) -> str | None:
         return (
             f"int8 W8A8 linears on an AMX CPU run vLLM's int8_scaled_mm_with_quant kernel, which "
             f"takes bfloat16 or float16 activations, not {request.dtype}: use dtype='bfloat16'"
+        )
+    if request.int4_linears and not kind.avx512:
+        return (
+            f"int4 W4A16 linears run vLLM's cpu_gemm_wna16, which its {kind.name} build (_C_AVX2) "
+            f"lacks: quantize the linears as int8 W8A8 (oneDNN, every x86 CPU) or keep them "
+            f"unquantized (only the routed experts in the quantization config's targets)"
         )
     if request.experts is None:
         return None
@@ -259,8 +269,15 @@ def check_model(vllm_config, model: torch.nn.Module, kind: CpuKind | None = None
         dtype=vllm_config.model_config.dtype,
         kv_cache_dtype=vllm_config.cache_config.cache_dtype,
         amx_int8_linears=any(_runs_amx_int8_kernel(m) for m in model.modules()),
+        int4_linears=any(_is_int4_linear(m) for m in model.modules()),
     )
     _raise_if_refused(request, kind)
+
+
+def _is_int4_linear(module: torch.nn.Module) -> bool:
+    from vllm.model_executor.layers.quantization.compressed_tensors.schemes import CompressedTensorsWNA16
+
+    return isinstance(getattr(module, "scheme", None), CompressedTensorsWNA16)
 
 
 def _runs_amx_int8_kernel(module: torch.nn.Module) -> bool:

@@ -46,8 +46,11 @@ EXPERT_WEIGHT = re.compile(r"\.(mlp|feed_forward)\.experts\.\d+\.(gate|up|down)_
 #: ``...experts.0.gate_proj`` and the other unfused names; ``shared_expert(s)`` stay out)
 EXPERTS_TARGET = "re:.*\\.experts\\..*"
 #: modules kept full precision when every Linear is targeted: the LM head and the router
-#: (Laguna's ``mlp.gate``, Llama 4's ``feed_forward.router``)
+#: (Laguna's ``mlp.gate``, Llama 4's ``feed_forward.router``); with int4 also Laguna's
+#: per-head attention gate ``g_proj`` (one output per head, 48 or 64 in XS.2: vLLM's CPU int4
+#: linear kernel takes output widths in multiples of 32 only)
 LINEARS_IGNORE = ["lm_head", "re:.*mlp\\.gate$", "re:.*feed_forward\\.router$"]
+INT4_LINEARS_IGNORE = [*LINEARS_IGNORE, "re:.*self_attn\\.g_proj$"]
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,9 @@ def quantize_checkpoint(
     group_size: int = 128,
     linears: bool = False,
 ) -> tuple[Path, Path]:
-    """Write ``src``'s routed experts (and with ``linears``, int8 only, every other ``*_proj``
-    linear: attention, dense and shared-expert MLPs) quantized as ``scheme`` (a key of
+    """Write ``src``'s routed experts (and with ``linears``, every other ``*_proj`` linear:
+    attention, dense and shared-expert MLPs, but what :data:`LINEARS_IGNORE` /
+    :data:`INT4_LINEARS_IGNORE` keep) quantized as ``scheme`` (a key of
     :data:`SCHEMES`; ``group_size`` for int4) to ``quantized``, and the dequantized fp32 twin
     to ``twin``. Returns ``(quantized, twin)``."""
     from compressed_tensors.compressors.base import BaseCompressor
@@ -84,8 +88,7 @@ def quantize_checkpoint(
 
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}: expected one of {sorted(SCHEMES)}")
-    if linears and scheme != "int8":
-        raise ValueError("linears=True: int8 only (vLLM's CPU int4 linear kernels are not part of this writer's tests)")
+    ignore = (INT4_LINEARS_IGNORE if scheme == "int4" else LINEARS_IGNORE) if linears else ["lm_head"]
     src, quantized, twin = Path(src), Path(quantized), Path(twin)
     targets = ["Linear"] if linears else [EXPERTS_TARGET]
     spec = preset_name_to_scheme(SCHEMES[scheme].preset, targets)
@@ -96,7 +99,9 @@ def quantize_checkpoint(
     def selected(name: str, tensor: torch.Tensor) -> bool:
         if EXPERT_WEIGHT.search(name):
             return True
-        return linears and tensor.dim() == 2 and name.endswith("_proj.weight")
+        module = name.removesuffix(".weight")
+        kept = any(re.fullmatch(rule[3:], module) if rule.startswith("re:") else module == rule for rule in ignore)
+        return linears and tensor.dim() == 2 and name.endswith("_proj.weight") and not kept
 
     index = json.loads((src / "model.safetensors.index.json").read_text())
     if any(".experts.gate_up_proj" in name for name in index["weight_map"]):
@@ -126,7 +131,7 @@ def quantize_checkpoint(
         config_groups={"group_0": spec},
         format=SCHEMES[scheme].format,
         quantization_status=QuantizationStatus.COMPRESSED,
-        ignore=LINEARS_IGNORE if linears else ["lm_head"],
+        ignore=ignore,
     )
     ModelCompressor(quantization_config=config).update_config(str(quantized))
     _set_dtype(twin, "float32")
