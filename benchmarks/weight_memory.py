@@ -8,7 +8,8 @@ Parameters are counted by the config parser's own reading of the config
 the other linears (attention, gates, dense MLPs, shared experts) and what every scheme keeps
 in bf16 (embedding, LM head, routers, norms, biases). Schemes: int8 W8A8 (one scale per
 output channel), int4 W4A16 (one bf16 scale per group of ``--group-size`` inputs), each on the
-routed experts alone or on every linear but the LM head and routers.
+routed experts alone or on every linear but the LM head and routers; AWQ / GPTQ int4 (a zero
+point per group too) on every linear, as those tools write them.
 """
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ def int4_bytes(params: int, group_size: int) -> int:
     return params // 2 + 2 * (params // group_size)  # packed nibbles, one bf16 scale per group
 
 
+def int4_zero_point_bytes(params: int, group_size: int) -> int:
+    """AWQ / GPTQ: packed nibbles, one fp16 scale and one packed 4-bit zero point per group
+    (GPTQ's ``g_idx``, one int32 per input column of a layer, is left out: under 0.1%)."""
+    return params // 2 + 2 * (params // group_size) + params // group_size // 2
+
+
 def scheme_bytes(groups: dict[str, int], arch, group_size: int) -> dict[str, int]:
     """Bytes of the weights per scheme (output-channel counts approximated by params / input width)."""
     bf16 = {name: 2 * n for name, n in groups.items()}
@@ -88,6 +95,12 @@ def scheme_bytes(groups: dict[str, int], arch, group_size: int) -> dict[str, int
         "int8 experts + linears": int8_experts + int8_linears + bf16["kept"],
         f"int4 g{group_size} experts": int4_experts + bf16["linears"] + bf16["kept"],
         f"int4 g{group_size} experts + int8 linears": int4_experts + int8_linears + bf16["kept"],
+        f"int4 g{group_size} experts + int4 linears": int4_experts + int4_bytes(groups["linears"], group_size)
+        + bf16["kept"],
+        f"AWQ / GPTQ int4 g{group_size}, every linear": sum(
+            int4_zero_point_bytes(groups[g], group_size) for g in ("experts", "linears")
+        )
+        + bf16["kept"],
     }
 
 

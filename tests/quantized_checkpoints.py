@@ -9,9 +9,10 @@ kernels and not the rounding of the weights.
   activations at run time); routed experts and router stay full precision.
 * :func:`fp8_block_experts`: the routed experts' weights to FP8 (e4m3) with one scale per
   128x128 block (llm-compressor's ``FP8_BLOCK``), everything else full precision.
-* int8 W8A8 and int4 W4A16 routed experts are written by compressed-tensors' own compressors
-  (:func:`vllm_laguna.tiny.quantize.quantize_checkpoint`); :func:`roll_expert_scales` and
-  :func:`reverse_scale_groups` plant scale bugs in such a checkpoint.
+* int8 W8A8 and int4 W4A16 routed experts are written by compressed-tensors' own compressors,
+  AWQ and GPTQ checkpoints in those formats (:func:`vllm_laguna.tiny.quantize.quantize_checkpoint`);
+  :func:`roll_expert_scales` and :func:`reverse_scale_groups` plant scale bugs in such a
+  checkpoint, :func:`awq_pack_in_sequence` a packing bug.
 * :func:`nvfp4_tensor_names` lists the tensors an NVFP4 checkpoint of the same model holds
   (Laguna-M.1-NVFP4's layout: MLPs and experts NVFP4, attention and router bf16).
 """
@@ -174,10 +175,11 @@ def vary_expert_blocks(ckpt: Path) -> None:
 
 
 def roll_expert_scales(ckpt: Path) -> None:
-    """Planted bug: every routed expert ``e`` gets the weight scales of expert ``e + 1`` (mod
-    the expert count), as a loader mapping scales to the wrong expert would."""
+    """Planted bug: every routed expert ``e`` gets the weight scales (compressed-tensors'
+    ``weight_scale``, AWQ/GPTQ's ``scales``) of expert ``e + 1`` (mod the expert count), as a
+    loader mapping scales to the wrong expert would."""
 
-    pattern = re.compile(r"\.experts\.(\d+)\.\w+_proj\.weight_scale$")
+    pattern = re.compile(r"\.experts\.(\d+)\.\w+_proj\.(weight_scale|scales)$")
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
     scales = {}  # every shard's, as an expert's neighbour may sit in another shard
     for shard in set(index["weight_map"].values()):
@@ -246,3 +248,22 @@ def nvfp4_tensor_names(hub_names: list[str]) -> list[str]:
             prefix = name.removesuffix("k_proj.weight")
             names += [prefix + "k_scale", prefix + "v_scale"]
     return names
+
+
+def awq_pack_in_sequence(ckpt: Path) -> None:
+    """Planted bug: every routed expert's AWQ ``qweight`` with each word's eight 4-bit values in
+    plain order (column ``8 j + k`` in bits ``4 k``) instead of AutoAWQ's ``0 2 4 6 1 3 5 7``,
+    as a packer that ignores AWQ's order would write it."""
+    from vllm_laguna.tiny.quantize import AWQ_ORDER
+
+    def repack(tensors):
+        out = {}
+        for name, t in tensors.items():
+            if ".experts." in name and name.endswith(".qweight"):
+                words = t.view(torch.uint32).to(torch.int64)
+                t = sum(((words >> (4 * k)) & 15) << (4 * column) for k, column in enumerate(AWQ_ORDER))
+                t = t.to(torch.uint32).view(torch.int32)
+            out[name] = t
+        return out
+
+    rewrite_tensors(ckpt, repack)

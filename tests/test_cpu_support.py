@@ -206,3 +206,13 @@ def test_int4_linears_need_an_avx512_build():
         assert refusal(request, kind) is None
     reason = refusal(request, AVX2)
     assert "cpu_gemm_wna16" in reason and "AVX2" in reason and "int8 W8A8" in reason
+
+
+def test_amx_int8_linears_whose_width_the_amx_packing_cannot_take_are_refused_by_name():
+    """vLLM's AMX int8 linear kernel takes N % 16 == 0 layers but packs weights in blocks of
+    32 outputs (``Expected N == BLOCK_N`` at load): such layers are refused on AMX, named."""
+    request = CpuRequest(dtype=BF16, amx_int8_linears=True, amx_int8_misfits=(("model.layers.0.self_attn.g_proj", 48),))
+    reason = refusal(request, AMX)
+    assert "model.layers.0.self_attn.g_proj (48)" in reason and "g_proj" in reason and "ignore" in reason
+    for kind in (AVX2, AVX512, ZEN4):
+        assert refusal(request, kind) is None

@@ -192,3 +192,25 @@ def test_nvfp4_tensor_names_reach_our_parameters(laguna_on_meta):
             assert isinstance(modules.get(stem), Attention), mapped
         else:
             assert mapped in params, mapped
+
+
+def test_amx_int8_linears_the_amx_packing_cannot_take_are_refused_by_name(default_vllm_config, tmp_path, monkeypatch):
+    """16 heads with a per-head gate: ``g_proj`` has 16 outputs, which vLLM's AMX int8 kernel
+    accepts (``N % 16 == 0``) and its weight packing then fails on (``Expected N == BLOCK_N``;
+    XS.2's 48-head layers alike). The built model (an AMX CPU made up here) is refused naming
+    the layer; on an AMX CPU the engine stops at load with that message."""
+    from vllm_laguna.cpu_kind import CpuKind
+    from vllm_laguna.model_executor import cpu_support
+    from vllm_laguna.model_executor.cpu_support import UnsupportedOnCpu, check_model
+
+    base = build_laguna(tmp_path / "base", mlp_layer_types=["dense"] * 4, heads_per_layer=[16] * 4)
+    int8_w8a8(base, tmp_path / "int8", tmp_path / "twin")
+    amx = CpuKind(avx2=True, avx512=True, avx512_bf16=True, amx=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(cpu_support, "detect", lambda: CpuKind(avx2=True, avx512=False, avx512_bf16=False, amx=False))
+        with _on_meta(tmp_path / "int8", "bfloat16", tmp_path / "dist") as (model, vllm_config):
+            with pytest.raises(UnsupportedOnCpu, match=r"model\.layers\.0\.self_attn\.g_proj \(16\).*g_proj\$"):
+                check_model(vllm_config, model, kind=amx)
+    if detect().amx:
+        message = load_error(tmp_path / "int8")
+        assert "UnsupportedOnCpu" in message and "g_proj (16)" in message, message

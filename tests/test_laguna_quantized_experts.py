@@ -33,7 +33,13 @@ import pytest
 import avx512_emulation
 
 from harness import BF16, FP8, INT8_W8A8, low_precision_gaps, load_error, prompts_for, vllm_run
-from quantized_checkpoints import fp8_block_experts, reverse_scale_groups, roll_expert_scales, vary_expert_blocks
+from quantized_checkpoints import (
+    awq_pack_in_sequence,
+    fp8_block_experts,
+    reverse_scale_groups,
+    roll_expert_scales,
+    vary_expert_blocks,
+)
 from vllm_laguna.cpu_kind import CpuKind, detect, missing
 from vllm_laguna.tiny.laguna import build_laguna
 from vllm_laguna.tiny.quantize import quantize_checkpoint
@@ -228,16 +234,17 @@ def test_int_experts_on_avx512_bf16_without_amx(wide_base, int_checkpoints, tmp_
     permitted AMX instructions, so any would kill it): int8 runs on ``FusedInt8Experts`` and
     int4 on vLLM's ``CPUExpertsInt4``, both ``fused_experts_cpu`` with vLLM's own weight
     packing, within the bf16 bounds of the twin; int4 on every linear too (``cpu_gemm_wna16``
-    on its non-AMX path), within the int8 linears' bounds. On a real Zen 4 the tests above run
-    natively."""
+    on its non-AMX path), as compressed-tensors, AWQ and GPTQ checkpoints, within the int8
+    linears' bounds. On a real Zen 4 the tests above run natively."""
     kind = detect()
     if not kind.amx:
         pytest.skip(f"emulates a CPU without AMX on one with AMX; this CPU is {kind.name}")
-    runs = [f"{scheme}={int_checkpoints[scheme][0]}={int_checkpoints[scheme][1]}" for scheme in ("int8", "int4")]
-    linears = quantize_checkpoint(
-        wide_base, tmp_path / "int4-all", tmp_path / "int4-all-twin", scheme="int4", group_size=16, linears=True
-    )
-    runs.append("int4+linears={}={}".format(*linears))
+    runs = [f"{scheme}={int_checkpoints[scheme][0]}={int_checkpoints[scheme][1]}=BF16" for scheme in ("int8", "int4")]
+    for scheme, group_size in (("int4", 16), ("int4-awq", 32), ("int4-gptq", 32)):
+        every_linear = quantize_checkpoint(
+            wide_base, tmp_path / scheme, tmp_path / f"{scheme}-twin", scheme=scheme, group_size=group_size, linears=True
+        )
+        runs.append("{}+linears={}={}=INT8_W8A8".format(scheme, *every_linear))
     out = tmp_path / "report.json"
     script = Path(__file__).with_name("avx512_emulation.py")
     env = avx512_emulation.emulation_env(dict(os.environ))
@@ -250,7 +257,8 @@ def test_int_experts_on_avx512_bf16_without_amx(wide_base, int_checkpoints, tmp_
     assert report["amx_permitted"] is False, "something asked for AMX: the run does not show a CPU without it"
     assert report["int8"]["kernel"] == "FusedInt8Experts" and report["int4"]["kernel"] == "CPUExpertsInt4", report
     assert report["int8"]["outside"] is None and report["int4"]["outside"] is None, report
-    assert report["int4+linears"]["kernel"] == "CPUExpertsInt4" and report["int4+linears"]["outside"] is None, report
+    for scheme in ("int4+linears", "int4-awq+linears", "int4-gptq+linears"):
+        assert report[scheme]["kernel"] == "CPUExpertsInt4" and report[scheme]["outside"] is None, report
 
 
 def test_int8_linears_and_experts_close_to_twin(wide_base, tmp_path):
@@ -266,7 +274,7 @@ def test_int8_linears_and_experts_close_to_twin(wide_base, tmp_path):
 
 def test_int4_linears_and_experts_close_to_twin(wide_base, tmp_path):
     """int4 W4A16 (group 16: the dense MLP is 96 wide) on the routed experts and every linear but the router, the LM
-    head and the per-head gate (``INT4_LINEARS_IGNORE``): vLLM's CPU int4 linear kernel
+    head and the per-head gate (``LINEARS_IGNORE``): vLLM's CPU int4 linear kernel
     (``cpu_gemm_wna16``) and ``CPUExpertsInt4`` in one model, within the int8 linears' bounds
     (``harness.INT8_W8A8``: the int4 weights' own rounding is in the twin, but the kernels
     quantize activations to int8). Measured on AMX (Sapphire Rapids class): prefill median
@@ -280,6 +288,37 @@ def test_int4_linears_and_experts_close_to_twin(wide_base, tmp_path):
     gaps, seen = _int_gaps(quantized, twin)
     assert seen["kernel"] == "CPUExpertsInt4" and seen["linear"] == "CompressedTensorsWNA16", seen
     print(seen, gaps.assert_within(INT8_W8A8))
+
+
+#: AutoAWQ / GPTQ checkpoints (every linear int4 but the router, LM head and per-head gate;
+#: groups of 32: the dense MLP is 96 wide) -> (vLLM's MoE method, planted bug)
+AWQ_GPTQ = {"int4-awq": ("AutoAWQMoEMethod", awq_pack_in_sequence), "int4-gptq": ("AutoGPTQMoEMethod", roll_expert_scales)}
+
+
+@pytest.mark.parametrize("scheme", sorted(AWQ_GPTQ))
+def test_awq_and_gptq_checkpoints_close_to_twin(wide_base, tmp_path, scheme):
+    """AWQ (asymmetric, AutoAWQ's packing) and GPTQ (symmetric, no act-order) checkpoints load
+    into vLLM's own AWQ/GPTQ MoE methods and CPU kernels (``CPUExpertsInt4``; the linears on
+    ``cpu_gemm_wna16``) with Laguna's router, within the int8 linears' bounds of the twin
+    (``harness.INT8_W8A8``: the kernels quantize activations to int8); the planted bug (AWQ
+    words packed in plain order, GPTQ scales of the next expert) does not stay within them.
+    Measured on AMX: AWQ median 0.051-0.055, p90 0.15-0.20, agreement 84%; GPTQ 0.052-0.059,
+    0.14-0.19, 85%; planted: AWQ median 1.53, GPTQ 1.35-1.40, agreement 3-5%."""
+    if reason := missing(INT4_EXPERTS):
+        pytest.skip(reason)
+    method, plant = AWQ_GPTQ[scheme]
+    quantized, twin = quantize_checkpoint(wide_base, tmp_path / scheme, tmp_path / "twin", scheme=scheme, group_size=32)
+    results, seen = vllm_run(
+        quantized, PROMPTS, max_new_tokens=24, dtype="bfloat16", inspect=_describe_experts, prompt_logprobs=True
+    )
+    assert seen["method"] == method and seen["kernel"] == "CPUExpertsInt4", seen
+    print(scheme, seen, low_precision_gaps(twin, PROMPTS, results).assert_within(INT8_W8A8))
+    plant(quantized)
+    results, _ = vllm_run(quantized, PROMPTS, max_new_tokens=24, dtype="bfloat16", prompt_logprobs=True)
+    gaps = low_precision_gaps(twin, PROMPTS, results)
+    with pytest.raises(AssertionError):
+        gaps.assert_within(INT8_W8A8)
+    print(scheme, "planted:", gaps.describe())
 
 
 def test_int8_experts_in_fp32_run_on_onednn(int_checkpoints):

@@ -116,3 +116,51 @@ def test_llama4_twin_fuses_the_dequantized_experts(tmp_path, capsys):
     assert torch.equal(twin[f"{prefix}.gate_up_proj"][3, :, inner:], dequantized("up_proj").T)
     assert torch.equal(twin[f"{prefix}.down_proj"][3], dequantized("down_proj").T)
     assert torch.equal(twin["model.layers.1.feed_forward.router.weight"], stored["model.layers.1.feed_forward.router.weight"].float())
+
+
+def _nibbles(words: torch.Tensor) -> torch.Tensor:
+    """The eight 4-bit values of each int32 word, lowest first: ``[..., n] -> [..., n, 8]``."""
+    words = words.view(torch.uint32).to(torch.int64)
+    return torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=-1)
+
+
+@pytest.mark.parametrize("scheme", ["int4-awq", "int4-gptq"])
+def test_awq_and_gptq_hold_what_the_formats_define(tmp_path, scheme):
+    """Read back independently of the writer: AWQ (AutoAWQ GEMM) ``qweight`` ``[in, out / 8]``
+    with word ``j``'s nibble ``k`` holding output ``8 j + (0, 2, 4, 6, 1, 3, 5, 7)[k]``, zero
+    points packed the same way, ``w = (q - zero) * scale``; GPTQ ``qweight`` ``[in / 8, out]``
+    with nibble ``k`` holding input ``8 i + k``, ``qzeros`` storing ``zero - 1`` (v1), symmetric
+    (zero 8), ``g_idx = input // group``. The twin holds exactly that dequantization, every
+    linear but the router and ``g_proj`` is quantized, and vLLM reads the config as the int4
+    scheme its CPU MoE kernel takes."""
+    from vllm.model_executor.layers.quantization import get_quantization_config
+
+    base = build_laguna(tmp_path / "base", **WIDE)
+    quantized, twin = quantize_checkpoint(base, tmp_path / "q", tmp_path / "t", scheme=scheme, group_size=32)
+    stored, exact = _tensors(quantized), _tensors(twin)
+    stem = EXPERT.removesuffix(".")
+    out_features, in_features = exact[EXPERT + "weight"].shape
+    scales = stored[f"{stem}.scales"].float()  # [in / 32, out]
+    assert stored[f"{stem}.scales"].dtype == torch.float16 and scales.shape == (in_features // 32, out_features)
+    if scheme == "int4-awq":
+        order = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])
+
+        def columns(words):  # [rows, out / 8] -> [rows, out]
+            values = torch.empty(*words.shape[:-1], words.shape[-1] * 8, dtype=torch.int64)
+            values.view(*words.shape, 8)[..., order] = _nibbles(words)
+            return values
+
+        q, zero = columns(stored[f"{stem}.qweight"]), columns(stored[f"{stem}.qzeros"])
+    else:
+        q = _nibbles(stored[f"{stem}.qweight"].T).reshape(out_features, in_features).T  # [in, out]
+        zero = _nibbles(stored[f"{stem}.qzeros"]).reshape(in_features // 32, out_features) + 1
+        assert (zero == 8).all()
+        assert torch.equal(stored[f"{stem}.g_idx"], torch.arange(in_features, dtype=torch.int32) // 32)
+    group = torch.arange(in_features) // 32
+    dequantized = ((q - zero[group]) * scales[group]).T
+    assert torch.equal(exact[EXPERT + "weight"], dequantized.float())
+    assert f"model.layers.1.self_attn.o_proj.qweight" in stored and "model.layers.1.self_attn.g_proj.weight" in stored
+    assert "model.layers.1.mlp.gate.weight" in stored and "lm_head.weight" in stored
+    config = json.loads((quantized / "config.json").read_text())["quantization_config"]
+    parsed = get_quantization_config(config["quant_method"]).from_config(config)
+    assert expert_scheme(parsed, "model.layers.1.mlp.experts") == INT4_EXPERTS

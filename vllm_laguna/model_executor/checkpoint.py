@@ -21,11 +21,12 @@ class CheckpointError(ValueError):
 
 def _satisfies(seen: str, required: str) -> bool:
     """``seen`` provides ``required``: same name, or a quantized variant of a ``.weight``
-    (compressed-tensors stores ``weight_packed``/``weight_scale`` beside or instead of it)."""
+    (compressed-tensors stores ``weight_packed``/``weight_scale`` beside or instead of it,
+    AWQ and GPTQ ``qweight``)."""
     if seen == required:
         return True
     stem, _, leaf = required.rpartition(".")
-    return leaf == "weight" and seen.startswith(f"{stem}.weight")
+    return leaf == "weight" and (seen.startswith(f"{stem}.weight") or seen == f"{stem}.qweight")
 
 
 class CheckpointAudit:

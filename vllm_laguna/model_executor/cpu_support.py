@@ -14,7 +14,8 @@ What the rules encode (vLLM 0.32 sources):
 
 * int8 W8A8 linears: on AMX, every layer with a symmetric-activation scheme, ``K % 32 == 0``
   and ``N % 16 == 0`` runs ``int8_scaled_mm_with_quant`` (``CPUInt8ScaledMMLinearKernel``),
-  which takes bf16/fp16 activations only; elsewhere oneDNN runs them in fp32 or bf16.
+  which takes bf16/fp16 activations only, and whose weight packing fails on ``N % 32 != 0``
+  (Laguna-XS.2's per-head gate, 48 outputs); elsewhere oneDNN runs them in fp32 or bf16.
 * quantized routed experts: vLLM's CPU MoE kernels for x86 (``CPUExpertsFp8``,
   ``CPUExpertsInt8``, ``CPUExpertsInt4`` in ``fused_moe/experts/cpu_moe.py``) are modular:
   the runner calls our router's ``select_experts`` and hands its ids and weights to the
@@ -59,7 +60,7 @@ class UnsupportedOnCpu(ValueError):
 
 #: quantized-expert schemes as :func:`expert_scheme` names them
 INT8_EXPERTS = "int8 W8A8"
-INT4_EXPERTS = "int4 W4A16 (symmetric, group size other than 32)"
+INT4_EXPERTS = "int4 W4A16 (compressed-tensors symmetric, group size other than 32; AWQ; GPTQ without act-order)"
 FP8_BLOCK_EXPERTS = "FP8 with 128x128 blocks"
 #: the schemes vLLM's CPU MoE kernels (or ours, ``layers/cpu_experts.py``) run with our routers' ids and weights
 CPU_EXPERT_SCHEMES = (INT8_EXPERTS, INT4_EXPERTS, FP8_BLOCK_EXPERTS)
@@ -76,6 +77,8 @@ class CpuRequest:
     kv_cache_dtype: str = "auto"
     #: int8 W8A8 linears that vLLM runs with its AMX kernel where the CPU has AMX
     amx_int8_linears: bool = False
+    #: of those, the ones (name, output width) whose width is not a multiple of 32
+    amx_int8_misfits: tuple[tuple[str, int], ...] = ()
     #: int4 weight-only linears (vLLM's ``CPUWNA16LinearKernel``: ``cpu_gemm_wna16``)
     int4_linears: bool = False
     #: the routed experts' quantization (:func:`expert_scheme`), None when unquantized
@@ -97,6 +100,15 @@ def refusal(request: CpuRequest, kind: CpuKind) -> str | None:
         return (
             f"int8 W8A8 linears on an AMX CPU run vLLM's int8_scaled_mm_with_quant kernel, which "
             f"takes bfloat16 or float16 activations, not {request.dtype}: use dtype='bfloat16'"
+        )
+    if request.amx_int8_misfits and kind.amx:
+        shown = ", ".join(f"{name} ({width})" for name, width in request.amx_int8_misfits[:4])
+        return (
+            f"int8 W8A8 linears with an output width that is a multiple of 16 but not of 32 "
+            f"({shown}{', ...' if len(request.amx_int8_misfits) > 4 else ''}): on an AMX CPU "
+            f"vLLM hands them to its AMX kernel, whose weight packing (convert_weight_packed) "
+            f"fails on them ('Expected N == BLOCK_N'): keep them unquantized (Laguna's per-head "
+            f"gate: add 're:.*g_proj$' to the quantization config's ignore list)"
         )
     if request.int4_linears and not kind.avx512:
         return (
@@ -163,6 +175,8 @@ def expert_scheme(quant_config, experts_prefix: str) -> str | None:
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
         CompressedTensorsConfig,
     )
+    from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig
+    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig
     from vllm.model_executor.layers.quantization.fp8 import Fp8Config
     from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 
@@ -185,6 +199,17 @@ def expert_scheme(quant_config, experts_prefix: str) -> str | None:
             block = list(weights.block_structure or []) if weights.strategy == "block" else []
             return FP8_BLOCK_EXPERTS if block == [128, 128] else f"FP8 ({weights.strategy} scales)"
         return f"{weights.type}{weights.num_bits} ({weights.strategy})"
+    if isinstance(quant_config, (AutoAWQConfig, AutoGPTQConfig)):
+        if isinstance(quant_config, AutoAWQConfig) and is_layer_skipped(
+            experts_prefix, quant_config.modules_to_not_convert, match_mode="substring"
+        ):
+            return None
+        name = "AWQ" if isinstance(quant_config, AutoAWQConfig) else "GPTQ"
+        if quant_config.weight_bits != 4:
+            return f"{name} int{quant_config.weight_bits}"
+        if getattr(quant_config, "desc_act", False):
+            return f"{name} int4 W4A16 (activation-ordered groups)"
+        return INT4_EXPERTS
     if isinstance(quant_config, Fp8Config):
         if is_layer_skipped(
             experts_prefix,
@@ -265,10 +290,14 @@ def check_model(vllm_config, model: torch.nn.Module, kind: CpuKind | None = None
     where vLLM's CPU kernels cannot run them."""
     if not _on_cpu():
         return
+    amx_int8 = [(name, m) for name, m in model.named_modules() if _runs_amx_int8_kernel(m)]
     request = CpuRequest(
         dtype=vllm_config.model_config.dtype,
         kv_cache_dtype=vllm_config.cache_config.cache_dtype,
-        amx_int8_linears=any(_runs_amx_int8_kernel(m) for m in model.modules()),
+        amx_int8_linears=bool(amx_int8),
+        amx_int8_misfits=tuple(
+            (name, m.output_size_per_partition) for name, m in amx_int8 if m.output_size_per_partition % 32
+        ),
         int4_linears=any(_is_int4_linear(m) for m in model.modules()),
     )
     _raise_if_refused(request, kind)

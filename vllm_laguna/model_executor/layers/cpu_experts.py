@@ -250,8 +250,8 @@ def cpu_experts_fallback(router_weights_on_input: bool) -> Iterator[None]:
       weights on the output); else the first of :data:`INT8_EXPERTS_CLASSES` that does
       (:class:`FusedInt8Experts` needs bf16/fp16); :data:`INT8_EXPERTS_ENV` ``=onednn`` picks
       :class:`OneDnnInt8Experts` on any x86 CPU.
-    * int4 (vLLM's WNA16 MoE methods): where vLLM finds nothing and ``CPUExpertsInt4`` is
-      excluded only by its AMX check, ``CPUExpertsInt4``.
+    * int4 (vLLM's WNA16 MoE methods: compressed-tensors, AWQ, GPTQ): where vLLM finds nothing
+      and ``CPUExpertsInt4`` is excluded only by its AMX check, ``CPUExpertsInt4``.
 
     Off the CPU backend nothing changes."""
     if not current_platform.is_cpu():
@@ -265,11 +265,13 @@ def cpu_experts_fallback(router_weights_on_input: bool) -> Iterator[None]:
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
         compressed_tensors_moe_w8a8_int8 as int8_method,
     )
+    from vllm.model_executor.layers.quantization import auto_awq, auto_gptq, moe_wna16
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
-        compressed_tensors_moe_wna16 as wna16_method,
+        compressed_tensors_moe_wna16,
     )
 
-    vllm_int8, vllm_wna16 = int8_method.select_int8_moe_backend, wna16_method.select_wna16_moe_backend
+    wna16_methods = (compressed_tensors_moe_wna16, auto_awq, auto_gptq, moe_wna16)  # each imports the oracle
+    vllm_int8, vllm_wna16 = int8_method.select_int8_moe_backend, compressed_tensors_moe_wna16.select_wna16_moe_backend
     forced = forced_int8_experts()
 
     def select_int8(config, weight_key=kInt8StaticChannelSym, activation_key=kInt8DynamicTokenSym):
@@ -299,8 +301,12 @@ def cpu_experts_fallback(router_weights_on_input: bool) -> Iterator[None]:
                 raise
         return WNA16MoEBackend.CPU, CPUExpertsInt4
 
-    int8_method.select_int8_moe_backend, wna16_method.select_wna16_moe_backend = select_int8, select_wna16
+    int8_method.select_int8_moe_backend = select_int8
+    for module in wna16_methods:
+        module.select_wna16_moe_backend = select_wna16
     try:
         yield
     finally:
-        int8_method.select_int8_moe_backend, wna16_method.select_wna16_moe_backend = vllm_int8, vllm_wna16
+        int8_method.select_int8_moe_backend = vllm_int8
+        for module in wna16_methods:
+            module.select_wna16_moe_backend = vllm_wna16
