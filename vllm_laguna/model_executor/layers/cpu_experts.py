@@ -30,7 +30,9 @@ as with vLLM's classes.
 
 from __future__ import annotations
 
+import itertools
 import os
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -48,6 +50,7 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import (
     kInt8StaticChannelSym,
 )
 from vllm.platforms import CpuArchEnum, current_platform
+from vllm.utils.torch_utils import direct_register_custom_op
 
 #: ``VLLM_LAGUNA_CPU_INT8_EXPERTS=onednn`` runs int8 experts on :class:`OneDnnInt8Experts`
 #: on any x86 CPU (the AVX2 path, measurable and testable on AVX-512 and AMX machines too);
@@ -126,6 +129,8 @@ class OneDnnInt8Experts(mk.FusedMoEExpertsModular):
                 for e in range(weight.shape[0])
             ]
 
+        self.registry_key = next(_next_key)
+        _ONEDNN_EXPERTS[self.registry_key] = self
         self.gate_up = handlers(layer.w13_weight.data, layer.w13_weight_scale.data)
         self.down = handlers(layer.w2_weight.data, layer.w2_weight_scale.data)
         num_experts = layer.w13_weight.shape[0]
@@ -170,9 +175,16 @@ class OneDnnInt8Experts(mk.FusedMoEExpertsModular):
         expert_tokens_meta: mk.ExpertTokensMetadata | None,
         apply_router_weight_on_input: bool,
     ) -> None:
+        """The experts' work runs in :func:`laguna_onednn_int8_experts`, an op torch.compile
+        leaves opaque (vLLM traces the MoE runner on CPU; the loop over the touched experts
+        depends on the routing's values)."""
+        weights = _unit_weights_if_on_input(topk_weights, apply_router_weight_on_input)
+        torch.ops.vllm.laguna_onednn_int8_experts(output, hidden_states, weights, topk_ids, self.registry_key)
+
+    def run(self, output: torch.Tensor, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor):
         top_k = topk_ids.size(1)
         choices = topk_ids.reshape(-1)
-        weights = _unit_weights_if_on_input(topk_weights, apply_router_weight_on_input).reshape(-1, 1).float()
+        weights = topk_weights.reshape(-1, 1).float()
         order = torch.argsort(choices, stable=True)
         counts = torch.bincount(choices, minlength=len(self.gate_up)).tolist()
         total = torch.zeros(hidden_states.size(0), self.hidden_size, dtype=torch.float32)
@@ -189,6 +201,29 @@ class OneDnnInt8Experts(mk.FusedMoEExpertsModular):
             out = self._int8_gemm(self.down[expert], hidden)
             total.index_add_(0, tokens, out.float() * weights[picks])
         output.copy_(total)
+
+
+#: the live :class:`OneDnnInt8Experts` by key, for the op (which takes plain values only)
+_ONEDNN_EXPERTS: weakref.WeakValueDictionary[int, OneDnnInt8Experts] = weakref.WeakValueDictionary()
+_next_key = itertools.count()
+
+
+def laguna_onednn_int8_experts(
+    output: torch.Tensor, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, key: int
+) -> None:
+    _ONEDNN_EXPERTS[key].run(output, hidden_states, topk_weights, topk_ids)
+
+
+def _laguna_onednn_int8_experts_fake(output, hidden_states, topk_weights, topk_ids, key) -> None:
+    return None
+
+
+direct_register_custom_op(
+    op_name="laguna_onednn_int8_experts",
+    op_func=laguna_onednn_int8_experts,
+    mutates_args=["output"],
+    fake_impl=_laguna_onednn_int8_experts_fake,
+)
 
 
 def has_fused_experts_kernel() -> bool:
