@@ -150,12 +150,17 @@ class OneDnnInt8Experts(mk.FusedMoEExpertsModular):
         return TopKWeightAndReduceNoOP()
 
     @staticmethod
-    def _int8_gemm(handler, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[M, K]`` (fp32/bf16) quantized per row to int8, times the handler's int8
-        ``[K, N]`` weight, rescaled: ``[M, N]`` in the handler's output dtype."""
+    def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of ``x`` ``[M, K]`` to int8 with one fp32 scale each: ``([M, K], [M, 1])``."""
         x_q, x_scale, _ = ops.onednn_scaled_int8_quant(x.contiguous(), None, None, True)
-        out = torch.empty(x.size(0), handler.n, dtype=x.dtype)
-        return ops.onednn_scaled_mm(handler, x_q, out, x_scale, None, None, None)
+        return x_q, x_scale
+
+    @staticmethod
+    def _int8_gemm(handler, x_q: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """int8 rows ``x_q`` ``[M, K]`` with scales ``[M, 1]`` times the handler's int8 ``[K, N]``
+        weight, rescaled: ``[M, N]`` in ``dtype``."""
+        out = torch.empty(x_q.size(0), handler.n, dtype=dtype)
+        return ops.onednn_scaled_mm(handler, x_q.contiguous(), out, x_scale.contiguous(), None, None, None)
 
     def apply(
         self,
@@ -188,6 +193,8 @@ class OneDnnInt8Experts(mk.FusedMoEExpertsModular):
         order = torch.argsort(choices, stable=True)
         counts = torch.bincount(choices, minlength=len(self.gate_up)).tolist()
         total = torch.zeros(hidden_states.size(0), self.hidden_size, dtype=torch.float32)
+        x_q, x_scale = self._quantize(hidden_states)  # per token: the same for every expert
+        dtype = hidden_states.dtype
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
@@ -195,10 +202,10 @@ class OneDnnInt8Experts(mk.FusedMoEExpertsModular):
             picks = order[start : start + count]
             start += count
             tokens = picks // top_k
-            gate_up = self._int8_gemm(self.gate_up[expert], hidden_states.index_select(0, tokens))
-            hidden = torch.empty(count, self.intermediate_size, dtype=gate_up.dtype)
+            gate_up = self._int8_gemm(self.gate_up[expert], x_q[tokens], x_scale[tokens], dtype)
+            hidden = torch.empty(count, self.intermediate_size, dtype=dtype)
             torch.ops._C.silu_and_mul(hidden, gate_up)
-            out = self._int8_gemm(self.down[expert], hidden)
+            out = self._int8_gemm(self.down[expert], *self._quantize(hidden), dtype)
             total.index_add_(0, tokens, out.float() * weights[picks])
         output.copy_(total)
 
