@@ -169,6 +169,34 @@ PINS: dict[str, tuple[str, ...]] = {
         "ignored_layers", "packed_modules_mapping", "ignored_layers_match_mode", "weight_block_size",
     ),
     "vllm.model_executor.layers.quantization.utils.quant_utils:is_layer_skipped": (),
+    "vllm.model_executor.layers.quantization.compressed_tensors.schemes:CompressedTensorsWNA16": (),
+    "vllm.model_executor.layers.quantization.auto_awq:AutoAWQConfig": ("weight_bits", "modules_to_not_convert"),
+    "vllm.model_executor.layers.quantization.auto_gptq:AutoGPTQConfig": ("weight_bits", "desc_act"),
+    # our CPU expert classes and where they join vLLM's choice (layers/cpu_experts.py): the
+    # quantized MoE methods call the oracle their module imported, by that name
+    "vllm.model_executor.layers.fused_moe.experts.cpu_moe:CPUExpertsInt8": (
+        "apply", "is_supported_config", "_supports_current_device", "_supports_routing_method",
+    ),
+    "vllm.model_executor.layers.fused_moe.experts.cpu_moe:CPUExpertsInt4": ("_supports_current_device",),
+    "vllm.model_executor.layers.fused_moe.activation:MoEActivation": ("SILU",),
+    "vllm.model_executor.layers.fused_moe.config:FusedMoEConfig": ("in_dtype",),
+    "vllm.model_executor.layers.fused_moe.config:FusedMoEParallelConfig": ("use_all2all_kernels",),
+    "vllm.model_executor.layers.fused_moe.topk_weight_and_reduce:TopKWeightAndReduceNoOP": (),
+    "vllm.model_executor.layers.fused_moe.oracle.int8:Int8MoeBackend": ("CPU",),
+    "vllm.model_executor.layers.fused_moe.oracle.int_wna16:WNA16MoEBackend": ("CPU",),
+    "vllm.model_executor.layers.fused_moe.oracle.int_wna16:_backend_incompatibility_reason": (),
+    "vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe:compressed_tensors_moe_w8a8_int8": (
+        "select_int8_moe_backend",
+    ),
+    "vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe:compressed_tensors_moe_wna16": (
+        "select_wna16_moe_backend",
+    ),
+    "vllm.model_executor.layers.quantization:auto_awq": ("select_wna16_moe_backend",),
+    "vllm.model_executor.layers.quantization:auto_gptq": ("select_wna16_moe_backend",),
+    "vllm.model_executor.layers.quantization:moe_wna16": ("select_wna16_moe_backend",),
+    "vllm.model_executor.layers.quantization.utils.quant_utils:QuantKey": (),
+    "vllm.model_executor.layers.quantization.utils.quant_utils:kInt8DynamicTokenSym": (),
+    "vllm.model_executor.layers.quantization.utils.quant_utils:kInt8StaticChannelSym": (),
     # weights
     "vllm.model_executor.model_loader.weight_utils:sharded_weight_loader": (),
     "vllm.model_executor.utils:set_weight_attrs": (),
@@ -269,6 +297,9 @@ HOOKS: tuple[tuple[str, str], ...] = (
     ("vllm.v1.structured_output", "is_reasoning_end_streaming"),
     # LFM2's conv-state dtype before the model exists (IsHybrid does not declare it)
     ("vllm.platforms.interface", "get_mamba_state_dtype_from_config"),
+    # vLLM's WNA16 kernel factory accepts vLLM's CPU int4 class only, by identity (so the int4
+    # fallback picks that class itself)
+    ("vllm.model_executor.layers.fused_moe.oracle.int_wna16", "assert experts_cls in allowed_experts"),
     # our routers refuse monolithic MoE kernels
     ("vllm.model_executor.layers.fused_moe.layer", "supports_monolithic_kernels@0.33"),
     # the start-up checks, looked up in MODELS_CONFIG_MAP while the engine config is built
@@ -327,7 +358,10 @@ def test_every_vllm_import_of_the_package_is_pinned():
 @pytest.mark.parametrize("symbol", sorted(PINS))
 def test_pinned_symbol_imports_from_the_installed_vllm(symbol):
     module, name = symbol.split(":")
-    assert getattr(importlib.import_module(module), name) is not None
+    parent = importlib.import_module(module)
+    if not hasattr(parent, name):  # a submodule (``from package import module``)
+        importlib.import_module(f"{module}.{name}")
+    assert getattr(parent, name) is not None
 
 
 def _trees() -> list[str]:

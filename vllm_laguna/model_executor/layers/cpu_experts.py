@@ -295,10 +295,7 @@ def cpu_experts_fallback(router_weights_on_input: bool) -> Iterator[None]:
     * int4 (vLLM's WNA16 MoE methods: compressed-tensors, AWQ, GPTQ): where vLLM finds nothing
       and ``CPUExpertsInt4`` is excluded only by its AMX check, ``CPUExpertsInt4``.
 
-    Off the CPU backend nothing changes."""
-    if not current_platform.is_cpu():
-        yield
-        return
+    For the CPU backend only (``layers/experts.py`` enters it there)."""
     from vllm.model_executor.layers.fused_moe.oracle.int8 import Int8MoeBackend
     from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import (
         WNA16MoEBackend,

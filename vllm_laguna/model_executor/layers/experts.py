@@ -28,7 +28,7 @@ the same treatment of two vLLM features that reach into the MoE layer:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,7 +42,6 @@ from vllm.model_executor.layers.fused_moe import FusedMoEFactory, MoERunner
 from vllm.platforms import current_platform
 
 from vllm_laguna.model_executor.cpu_support import check_built_experts, check_experts
-from vllm_laguna.model_executor.layers.cpu_experts import cpu_experts_fallback
 
 if TYPE_CHECKING:
     from vllm.lora.model_manager import LoRAModelManager
@@ -105,6 +104,16 @@ def refuse_routed_expert_adapters(manager: LoRAModelManager) -> None:
     manager.supported_lora_modules = [name for name in manager.supported_lora_modules if name not in routed]
 
 
+def _cpu_experts_fallback(router_weights_on_input: bool):
+    """On the CPU backend, our quantized-expert classes behind vLLM's choice
+    (``layers/cpu_experts.py``, imported there only: it subclasses vLLM's CPU classes)."""
+    if not current_platform.is_cpu():
+        return nullcontext()
+    from vllm_laguna.model_executor.layers.cpu_experts import cpu_experts_fallback
+
+    return cpu_experts_fallback(router_weights_on_input)
+
+
 @contextmanager
 def _without_lora(vllm_config: VllmConfig) -> Iterator[None]:
     """vLLM's MoE factory reads ``lora_config`` from the current config to pick the Triton
@@ -158,7 +167,7 @@ def fused_experts(placement: ExpertPlacement, prefix: str, **factory_kwargs) -> 
         num_redundant_experts=placement.num_redundant,
         prefix=prefix,
     )
-    with cpu_experts_fallback(build.get("apply_router_weight_on_input", False)):
+    with _cpu_experts_fallback(build.get("apply_router_weight_on_input", False)):
         if vllm_config.lora_config is not None and not experts_take_lora(vllm_config, prefix):
             with _without_lora(vllm_config):
                 runner = FusedMoEFactory(**build)
