@@ -282,8 +282,9 @@ def side_checkpoints(args) -> dict[str, tuple[str, str]]:
 
 
 def expected_experts_touched(batch: int, top_k: int, num_experts: int) -> float:
-    """Expected share of a layer's experts that ``batch`` tokens route to, routing uniform."""
-    return 1 - (1 - top_k / num_experts) ** batch
+    """Expected share of a layer's experts that ``batch`` tokens route to, routing uniform
+    (0 for a model without routed experts)."""
+    return 1 - (1 - top_k / num_experts) ** batch if num_experts else 0.0
 
 
 def safetensors_weight_bytes(model_dir: str) -> dict[str, float]:
@@ -300,7 +301,9 @@ def safetensors_weight_bytes(model_dir: str) -> dict[str, float]:
                 size = _numel(piece.get_shape()) * _DTYPE_BYTES[piece.get_dtype()]
                 group = "experts" if ".experts." in name else "embedding" if "embed_tokens" in name else "other"
                 groups[group] += size
-    return groups | {"top_k": config["num_experts_per_tok"], "num_experts": config["num_experts"]}
+    text = config.get("text_config", config)  # Llama 4's multimodal form
+    num_experts = text.get("num_experts") or text.get("num_local_experts") or 0  # Laguna / Llama 4; LFM2: none
+    return groups | {"top_k": text.get("num_experts_per_tok", 0), "num_experts": num_experts}
 
 
 def gguf_weight_bytes(path: str) -> dict[str, float] | None:
