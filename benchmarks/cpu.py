@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import re
@@ -298,7 +299,7 @@ def safetensors_weight_bytes(model_dir: str) -> dict[str, float]:
         with safe_open(shard, "pt") as f:
             for name in f.keys():
                 piece = f.get_slice(name)
-                size = _numel(piece.get_shape()) * _DTYPE_BYTES[piece.get_dtype()]
+                size = math.prod(piece.get_shape()) * _DTYPE_BYTES[piece.get_dtype()]
                 group = "experts" if ".experts." in name else "embedding" if "embed_tokens" in name else "other"
                 groups[group] += size
     text = config.get("text_config", config)  # Llama 4's multimodal form
@@ -330,13 +331,6 @@ def step_bytes(weights: dict[str, float], batch: int) -> float:
 
 
 _DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "I8": 1, "U8": 1, "F8_E4M3": 1}
-
-
-def _numel(shape) -> int:
-    n = 1
-    for dim in shape:
-        n *= dim
-    return n
 
 
 def make_prompts(model_dir: str, count: int, input_len: int) -> list[list[int]]:

@@ -45,7 +45,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,12 +147,11 @@ def quantize_checkpoint(
     return quantized, twin
 
 
-#: a weight quantizer: ``[out, in]`` fp32 -> (tensors to store by leaf name, exact dequantized fp32)
-Quantize = Callable[[torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor]]
-
-
 def _compressed_tensors(scheme: str, group_size: int, linears: bool, ignore: list[str]):
-    """compressed-tensors' compressor for ``scheme`` and the writer of its config."""
+    """compressed-tensors' compressor for ``scheme`` and the writer of its config. Each scheme
+    gives ``(quantize, write_config)``: ``quantize`` maps a ``[out, in]`` fp32 weight to (the
+    tensors to store, by leaf name; its exact dequantization in fp32), ``write_config`` puts the
+    ``quantization_config`` into a checkpoint's ``config.json``."""
     from compressed_tensors.compressors.base import BaseCompressor
     from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus

@@ -260,6 +260,14 @@ class FusedInt8Experts(CPUExpertsInt8):
     def _supports_routing_method(routing_method, weight_key, activation_key) -> bool:
         return True  # the router's ids and weights arrive computed; the label picks nothing here
 
+    @staticmethod
+    def is_supported_config(cls, moe_config: FusedMoEConfig, weight_key, activation_key, activation_format):
+        """``CPUExpertsInt8``'s checks, and bf16/fp16 activations: ``fused_experts_cpu``
+        computes in those only (vLLM's class does not check it and fails at the first forward)."""
+        if moe_config.in_dtype not in (torch.bfloat16, torch.float16):
+            return False, "fused_experts_cpu computes in bfloat16/float16 only"
+        return CPUExpertsInt8.is_supported_config(cls, moe_config, weight_key, activation_key, activation_format)
+
     def apply(self, *, topk_weights: torch.Tensor, apply_router_weight_on_input: bool, **kwargs) -> None:
         """``CPUExpertsInt8.apply`` (vLLM's kernel calls it with keywords), with unit combine
         weights where the router weights went on the input."""
@@ -289,8 +297,7 @@ def cpu_experts_fallback(router_weights_on_input: bool) -> Iterator[None]:
     """While a fused-MoE layer is built, on the CPU backend:
 
     * int8 (compressed-tensors' MoE method): vLLM's class where it takes the layer (bf16/fp16,
-      weights on the output); else the first of :data:`INT8_EXPERTS_CLASSES` that does
-      (:class:`FusedInt8Experts` needs bf16/fp16); :data:`INT8_EXPERTS_ENV` ``=onednn`` picks
+      weights on the output); else the first of :data:`INT8_EXPERTS_CLASSES` that does; :data:`INT8_EXPERTS_ENV` ``=onednn`` picks
       :class:`OneDnnInt8Experts` on any x86 CPU.
     * int4 (vLLM's WNA16 MoE methods: compressed-tensors, AWQ, GPTQ): where vLLM finds nothing
       and ``CPUExpertsInt4`` is excluded only by its AMX check, ``CPUExpertsInt4``.
@@ -318,13 +325,12 @@ def cpu_experts_fallback(router_weights_on_input: bool) -> Iterator[None]:
         if forced == "onednn":
             ours = (OneDnnInt8Experts,)
         elif not router_weights_on_input and config.in_dtype != torch.float32:
+            # vLLM's class takes fp32 layers it cannot run: only bf16/fp16 ones go to vLLM
             try:
                 return vllm_int8(config, weight_key, activation_key)
             except NotImplementedError:
                 pass
         for cls in ours:
-            if config.in_dtype == torch.float32 and issubclass(cls, CPUExpertsInt8):
-                continue  # fused_experts_cpu computes in bf16/fp16 only
             if _supported(cls, config, weight_key, activation_key):
                 return Int8MoeBackend.CPU, cls
         return vllm_int8(config, weight_key, activation_key)  # raises, with vLLM's reasons
